@@ -1,0 +1,3 @@
+from resilgate.cli import main
+
+raise SystemExit(main())
