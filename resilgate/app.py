@@ -1,0 +1,97 @@
+"""The public application: middlewares for cross-cutting concerns around the one handler."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import web
+
+from resilgate.config import Config
+from resilgate.errors import GatewayError
+from resilgate.headers import REQUEST_ID as REQUEST_ID_HEADER
+from resilgate.headers import request_id_from
+from resilgate.logs import get_logger
+from resilgate.proxy import GATEWAY, REQUEST_ID, ROUTE, SERVED_BY, Gateway, proxy_request
+from resilgate.upstream import new_session
+
+log = get_logger("resilgate.access")
+
+
+def _error_response(status: int, body: dict[str, str | int], request_id: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={REQUEST_ID_HEADER: request_id},
+    )
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Outermost: every failure becomes a JSON answer that carries the request id."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        request_id = request.get(REQUEST_ID) or request_id_from(None)
+        return _error_response(exc.status, exc.body(request_id), request_id)
+    except web.HTTPException:
+        raise
+    except Exception:
+        request_id = request.get(REQUEST_ID) or request_id_from(None)
+        log.exception("unhandled_error", request_id=request_id)
+        body: dict[str, str | int] = {"error": "internal_error", "request_id": request_id}
+        return _error_response(500, body, request_id)
+
+
+@web.middleware
+async def request_id(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Take the client's ``X-Request-ID`` or make one; it goes upstream and comes back."""
+    request[REQUEST_ID] = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+    response = await handler(request)
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+    return response
+
+
+@web.middleware
+async def access_log(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """One JSON line per request: route, who served it, status, duration. Never the path."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except GatewayError as exc:
+        status = exc.status
+        raise
+    finally:
+        route = request.get(ROUTE)
+        log.info(
+            "access",
+            request_id=request[REQUEST_ID],
+            method=request.method,
+            route=route.name if route else None,
+            criticality=route.criticality if route else None,
+            upstream=request.get(SERVED_BY),
+            status=status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+
+def build_app(config: Config) -> web.Application:
+    """The public listener's application for one worker."""
+    app = web.Application(middlewares=[errors_as_json, request_id, access_log])
+    app[GATEWAY] = Gateway.from_config(config)
+
+    async def client_session(app: web.Application) -> AsyncIterator[None]:
+        gateway = app[GATEWAY]
+        gateway.session = new_session(config)
+        yield
+        await gateway.session.close()
+
+    app.cleanup_ctx.append(client_session)
+    app.router.add_route("*", "/{tail:.*}", proxy_request)
+    return app

@@ -1,0 +1,113 @@
+"""The ``resilgate`` command line: serve, check, demo, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from resilgate.config import Config, ConfigError, load_config
+from resilgate.simulators import SIMULATOR_KINDS, SITES, SimulatorOptions, run_simulator
+
+EXIT_CONFIG = 2
+
+
+def _load(path: Path) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    endpoints = sum(len(upstream.endpoints) for upstream in config.upstreams.values())
+    print(
+        f"{args.config}: ok ({len(config.upstreams)} upstreams, {endpoints} endpoints, "
+        f"{len(config.routes)} routes)"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from resilgate.workers import serve
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    return serve(config, args.workers, args.ready_file)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from resilgate.demo import run_demo
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    return run_demo(config, args.port, args.ephemeral, args.workers, args.ready_file)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    options = SimulatorOptions(kind=args.kind, site=args.site, seed=args.seed)
+    run_simulator(options, args.host, args.port, args.ready_file)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resilgate", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    def config_option(verb: argparse.ArgumentParser) -> None:
+        verb.add_argument(
+            "--config", type=Path, default=Path("resilgate.yaml"), help="main config file"
+        )
+
+    def ready_option(verb: argparse.ArgumentParser) -> None:
+        verb.add_argument(
+            "--ready-file", type=Path, help="write the bound ports here as JSON once listening"
+        )
+
+    serve = verbs.add_parser("serve", help="run the gateway")
+    config_option(serve)
+    serve.add_argument("--workers", type=int, help="worker processes (default: config, or cores)")
+    ready_option(serve)
+    serve.set_defaults(run=_serve)
+
+    check = verbs.add_parser("check", help="validate the configuration; exit 2 on error")
+    config_option(check)
+    check.set_defaults(run=_check)
+
+    demo = verbs.add_parser("demo", help="simulated upstreams plus the gateway")
+    config_option(demo)
+    demo.add_argument("--port", type=int, help="gateway port (default: the config's)")
+    demo.add_argument("--workers", type=int, help="gateway worker processes")
+    demo.add_argument(
+        "--ephemeral", action="store_true", help="free ports for everything (for tests)"
+    )
+    ready_option(demo)
+    demo.set_defaults(run=_demo)
+
+    simulate = verbs.add_parser("simulate", help="run one simulated hospital upstream")
+    simulate.add_argument("kind", choices=SIMULATOR_KINDS)
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, required=True, help="0 picks a free port")
+    simulate.add_argument("--site", choices=SITES, default="primary")
+    simulate.add_argument("--seed", type=int, default=20250320, help="seed of the fake data")
+    ready_option(simulate)
+    simulate.set_defaults(run=_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

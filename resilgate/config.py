@@ -1,0 +1,362 @@
+"""The configuration: a declared schema, validated once, then frozen.
+
+One main YAML file (listeners, workers, state, upstreams) includes the hospital's route tables
+(``routes/*.yaml``). Every problem is reported as ``file:line: field: reason``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    UrlConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+UpstreamUrl = Annotated[AnyHttpUrl, UrlConstraints(allowed_schemes=["http", "https"])]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listener(_Model):
+    """An address the gateway listens on."""
+
+    host: str = Field("127.0.0.1", description="Address to bind; `0.0.0.0` for all IPv4.")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port; 0 picks a free port.")
+
+
+class Listeners(_Model):
+    """The gateway's listeners."""
+
+    public: Listener = Field(
+        default_factory=lambda: Listener(),
+        description="Where clients (HIS workstations, kiosks, the patient app) connect.",
+    )
+
+
+class StateConfig(_Model):
+    """Where shared state lives."""
+
+    backend: Literal["sqlite"] = Field(
+        "sqlite", description="State backend; `sqlite` is the embedded default (one node)."
+    )
+    path: Path = Field(
+        Path("var/resilgate.db"),
+        description="SQLite file, relative to the main config file's directory.",
+    )
+
+
+class Endpoint(_Model):
+    """One site serving an upstream: the primary data center or a DR site."""
+
+    name: Name = Field(description="Endpoint name, e.g. `primary`, `dr`, `remote-dr`.")
+    url: UpstreamUrl = Field(description="Base URL; the client's path is appended to it.")
+    priority: int = Field(
+        ge=0, le=9, description="0 primary, 1 same-city DR, 2 remote DR; lowest serves first."
+    )
+    read_only: bool = Field(False, description="A read-only replica that must not take writes.")
+
+    @field_validator("url")
+    @classmethod
+    def _no_query(cls, url: AnyHttpUrl) -> AnyHttpUrl:
+        if url.query or url.fragment:
+            raise ValueError("an endpoint URL takes no query or fragment")
+        return url
+
+
+class Upstream(_Model):
+    """A hospital system served by one or more endpoints."""
+
+    endpoints: list[Endpoint] = Field(
+        min_length=1, description="The sites that can serve this upstream."
+    )
+    @model_validator(mode="after")
+    def _unique_endpoints(self) -> Upstream:
+        names = [endpoint.name for endpoint in self.endpoints]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate endpoint name {', '.join(duplicates)}")
+        return self
+
+
+class BodyMatch(_Model):
+    """Match on a top-level field of a small JSON request body."""
+
+    field: str = Field(description="Top-level JSON field, e.g. `infno` of the insurance envelope.")
+    values: list[str] = Field(min_length=1, description="Values that match (compared as text).")
+
+
+class Match(_Model):
+    """Which requests a route takes; every given condition must hold."""
+
+    host: str | None = Field(None, description="Host header without port; any host when unset.")
+    path: str | None = Field(None, description="Exact path. Give `path` or `path_prefix`.")
+    path_prefix: str | None = Field(None, description="Path prefix, e.g. `/fhir/`.")
+    methods: list[HttpMethod] | None = Field(None, description="Methods; any when unset.")
+    body: BodyMatch | None = Field(
+        None, description="JSON body field match; the body is read up to `body_read_cap_bytes`."
+    )
+
+    @model_validator(mode="after")
+    def _one_path(self) -> Match:
+        if (self.path is None) == (self.path_prefix is None):
+            raise ValueError("give exactly one of path or path_prefix")
+        for value in (self.path, self.path_prefix):
+            if value is not None and not value.startswith("/"):
+                raise ValueError(f"paths start with '/': {value!r}")
+        return self
+
+
+class Timeouts(_Model):
+    """Upstream call timeouts, in seconds."""
+
+    connect_s: float = Field(2.0, gt=0, description="TCP connect to the endpoint.")
+    total_s: float = Field(
+        30.0, gt=0, description="Whole upstream exchange, including streaming the body."
+    )
+
+
+class Route(_Model):
+    """Which requests go to which upstream."""
+
+    name: Name = Field(description="Unique route name; appears in logs and metrics.")
+    upstream: Name = Field(description="Name of the upstream that serves this route.")
+    match: Match = Field(description="Which requests this route takes.")
+    criticality: Literal["core", "support", "reporting"] = Field(
+        "support", description="`core` business, `support`, or `reporting` (shed first)."
+    )
+    timeouts: Timeouts = Field(default_factory=lambda: Timeouts(), description="Timeouts.")
+    max_body_bytes: int = Field(
+        10 * 1024 * 1024, ge=0, description="Largest request body accepted; larger gets 413."
+    )
+    body_read_cap_bytes: int = Field(
+        64 * 1024, ge=1, description="Most body bytes read to evaluate `match.body`."
+    )
+
+
+class Config(_Model):
+    """The main configuration file."""
+
+    listeners: Listeners = Field(default_factory=lambda: Listeners(), description="Listeners.")
+    workers: int = Field(0, ge=0, le=256, description="Worker processes; 0 is one per core.")
+    max_connections_per_endpoint: int = Field(
+        256, ge=1, description="Pooled keep-alive connections per endpoint and worker."
+    )
+    drain_deadline_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    state: StateConfig = Field(default_factory=lambda: StateConfig(), description="State.")
+    upstreams: dict[Name, Upstream] = Field(
+        min_length=1, description="Hospital systems by name, e.g. `his`."
+    )
+    include_routes: list[str] = Field(
+        default_factory=lambda: ["routes/*.yaml"],
+        description="Globs of route table files, relative to this file; read in sorted order.",
+    )
+    routes: list[Route] = Field(
+        default_factory=list,
+        description="Routes, in match order: the ones written here, then the included ones.",
+    )
+    _base_dir: Path = PrivateAttr(Path("."))
+
+    def resolve(self, path: Path) -> Path:
+        """A path from the config, relative to the main file's directory."""
+        return path if path.is_absolute() else self._base_dir / path
+
+
+class RouteFile(_Model):
+    """A route table file under `routes/`."""
+
+    routes: list[Route] = Field(description="Routes of this file, in match order.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading with file and line numbers.
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the configuration."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` says where and why."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(problem) for problem in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class _Origin:
+    file: str
+    line: int
+    loc: Loc  # the field path as written in that file
+
+
+def _field_path(loc: Loc) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _lines(node: yaml.Node, loc: Loc, out: dict[Loc, int]) -> None:
+    out[loc] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = (*loc, str(key.value))
+            _lines(value, child, out)
+            out[child] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _lines(item, (*loc, index), out)
+
+
+def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), None, "", f"cannot read: {exc.strerror}")]) from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        reason = f"YAML syntax error: {exc.problem or exc.context}"
+        raise ConfigError([Problem(str(path), line, "", reason)]) from exc
+    lines: dict[Loc, int] = {}
+    if node is not None:
+        _lines(node, (), lines)
+    return data, lines
+
+
+class _SourceMap:
+    """Where each field of the merged configuration was written."""
+
+    def __init__(self) -> None:
+        self._origins: dict[Loc, _Origin] = {}
+
+    def add(self, file: str, lines: dict[Loc, int], rebase: tuple[Loc, Loc] | None = None) -> None:
+        for loc, line in lines.items():
+            merged = loc
+            if rebase is not None:
+                local_prefix, merged_prefix = rebase
+                if loc[: len(local_prefix)] != local_prefix:
+                    continue
+                merged = merged_prefix + loc[len(local_prefix) :]
+            self._origins[merged] = _Origin(file, line, loc)
+
+    def problem(self, loc: Loc, message: str, default_file: str) -> Problem:
+        for cut in range(len(loc), -1, -1):
+            origin = self._origins.get(loc[:cut])
+            if origin is not None:
+                local = origin.loc + loc[cut:]
+                return Problem(origin.file, origin.line, _field_path(local), message)
+        return Problem(default_file, None, _field_path(loc), message)
+
+
+def _pydantic_problems(exc: ValidationError, sources: _SourceMap, file: str) -> Iterator[Problem]:
+    for error in exc.errors():
+        loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        yield sources.problem(loc, message, file)
+
+
+def _reference_problems(config: Config, sources: _SourceMap, file: str) -> Iterator[Problem]:
+    seen: dict[str, int] = {}
+    for index, route in enumerate(config.routes):
+        if route.upstream not in config.upstreams:
+            known = ", ".join(sorted(config.upstreams))
+            message = f"unknown upstream {route.upstream!r} (known: {known})"
+            yield sources.problem(("routes", index, "upstream"), message, file)
+        if route.name in seen:
+            first = sources.problem(("routes", seen[route.name], "name"), "", file)
+            message = f"duplicate route name {route.name!r} (first at {first.file}:{first.line})"
+            yield sources.problem(("routes", index, "name"), message, file)
+        else:
+            seen[route.name] = index
+
+
+def load_config(path: Path | str) -> Config:
+    """Read, merge and validate the main file and its route tables; raise ConfigError."""
+    main_path = Path(path)
+    main_file = str(main_path)
+    data, lines = _read_yaml(main_path)
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(main_file, 1, "", "the file must be a YAML mapping")])
+    sources = _SourceMap()
+    sources.add(main_file, lines)
+    problems: list[Problem] = []
+
+    base_dir = main_path.parent
+    inline_routes = data.get("routes") or []
+    merged_routes: list[Any] = list(inline_routes) if isinstance(inline_routes, list) else []
+    includes = data.get("include_routes", ["routes/*.yaml"])
+    for pattern in includes if isinstance(includes, list) else []:
+        matched = sorted(glob.glob(os.path.join(base_dir, str(pattern))))
+        if not matched:
+            index = includes.index(pattern)
+            problems.append(
+                sources.problem(("include_routes", index), f"no file matches {pattern!r}", main_file)
+            )
+        for route_path in matched:
+            route_data, route_lines = _read_yaml(Path(route_path))
+            try:
+                RouteFile.model_validate(route_data)
+            except ValidationError as exc:
+                file_sources = _SourceMap()
+                file_sources.add(route_path, route_lines)
+                problems.extend(_pydantic_problems(exc, file_sources, route_path))
+                continue
+            offset = len(merged_routes)
+            for local_index, route in enumerate(route_data["routes"]):
+                sources.add(
+                    route_path,
+                    route_lines,
+                    rebase=(("routes", local_index), ("routes", offset + local_index)),
+                )
+                merged_routes.append(route)
+    if problems:
+        raise ConfigError(problems)
+
+    try:
+        config = Config.model_validate({**data, "routes": merged_routes})
+    except ValidationError as exc:
+        raise ConfigError(list(_pydantic_problems(exc, sources, main_file))) from exc
+    problems.extend(_reference_problems(config, sources, main_file))
+    if problems:
+        raise ConfigError(problems)
+    config._base_dir = base_dir
+    return config

@@ -1,0 +1,63 @@
+"""Errors the gateway answers with, named by what the caller can do about them.
+
+Upstream failures are split by phase of the exchange: ``UpstreamUnreachable`` means the
+upstream never saw the request (safe to try elsewhere); ``UpstreamTimeout`` and
+``UpstreamBroken`` mean it may have acted on it (the outcome is unknown).
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """An error answered to the client as JSON with the request id."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, **details: str | int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def body(self, request_id: str) -> dict[str, str | int]:
+        return {"error": self.code, "message": self.message, **self.details, "request_id": request_id}
+
+
+class NoRoute(GatewayError):
+    status = 404
+    code = "no_route"
+
+
+class RequestBodyTooLarge(GatewayError):
+    status = 413
+    code = "request_body_too_large"
+
+
+class UpstreamError(GatewayError):
+    """The upstream call failed; ``endpoint`` names the one tried."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """Connecting failed: the upstream never saw the request."""
+
+    status = 502
+    code = "upstream_unreachable"
+
+
+class UpstreamConnectTimeout(UpstreamUnreachable):
+    status = 504
+    code = "upstream_connect_timeout"
+
+
+class UpstreamTimeout(UpstreamError):
+    """Sent, but no answer in time: the outcome is unknown."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamBroken(UpstreamError):
+    """The connection broke after sending: the outcome is unknown."""
+
+    status = 502
+    code = "upstream_broken"
