@@ -127,3 +127,11 @@ def spawn(tmp_path: Path) -> Iterator[Spawner]:
     spawner = Spawner(tmp_path)
     yield spawner
     spawner.close()
+
+
+@pytest.fixture(scope="module")
+def module_spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spawner]:
+    """For servers that a whole module of read-only tests can share."""
+    spawner = Spawner(tmp_path_factory.mktemp("servers"))
+    yield spawner
+    spawner.close()

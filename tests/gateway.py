@@ -1,0 +1,47 @@
+"""Start a real gateway process in front of real upstream processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.conftest import ServerProcess, Spawner
+
+
+def write_config(
+    path: Path,
+    upstreams: dict[str, list[dict[str, Any]]],
+    routes: list[dict[str, Any]],
+    **top: Any,
+) -> Path:
+    config = {
+        "listeners": {"public": {"host": "127.0.0.1", "port": 0}},
+        "workers": 1,
+        "drain_deadline_s": 10,
+        "upstreams": {name: {"endpoints": eps} for name, eps in upstreams.items()},
+        "include_routes": [],
+        "routes": routes,
+        **top,
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def start_gateway(
+    spawn: Spawner,
+    upstreams: dict[str, list[dict[str, Any]]],
+    routes: list[dict[str, Any]],
+    workers: int = 1,
+    name: str = "gateway",
+    **top: Any,
+) -> ServerProcess:
+    config = write_config(spawn.tmp_path / f"{name}.yaml", upstreams, routes, **top)
+    return spawn.start(
+        name, ["serve", "--config", str(config), "--workers", str(workers)], timeout=30
+    )
+
+
+def primary(url: str, name: str = "primary") -> list[dict[str, Any]]:
+    return [{"name": name, "url": url, "priority": 0}]

@@ -1,0 +1,61 @@
+"""SIGTERM: stop accepting, let in-flight requests finish, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+
+import aiohttp
+import pytest
+
+from tests.conftest import ServerProcess, Spawner, wait_until
+from tests.gateway import primary, start_gateway
+
+IN_FLIGHT = 50
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def in_flight_at(echo: ServerProcess, session: aiohttp.ClientSession) -> int:
+    async with session.get(echo.url() + "/_sim/stats") as resp:
+        count: int = (await resp.json())["in_flight"]
+        return count
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_drains_in_flight_requests(spawn: Spawner, workers: int) -> None:
+    echo = spawn.simulator("echo")
+    gateway = start_gateway(
+        spawn,
+        {"echo": primary(echo.url())},
+        [{"name": "all", "upstream": "echo", "match": {"path_prefix": "/"}}],
+        workers=workers,
+        drain_deadline_s=20,
+    )
+    async with aiohttp.ClientSession() as client, aiohttp.ClientSession() as control:
+        slow = [
+            asyncio.create_task(client.get(gateway.url() + "/slow/2500"))
+            for _ in range(IN_FLIGHT)
+        ]
+        deadline = asyncio.get_running_loop().time() + 10
+        while await in_flight_at(echo, control) < IN_FLIGHT:
+            assert asyncio.get_running_loop().time() < deadline, "requests never reached upstream"
+            await asyncio.sleep(0.02)
+
+        gateway.signal(signal.SIGTERM)
+        await asyncio.to_thread(
+            wait_until, lambda: refuses_connections(gateway.port()), 5, "listener to close"
+        )
+        responses = await asyncio.gather(*slow)
+        statuses = [resp.status for resp in responses]
+        for resp in responses:
+            resp.release()
+    assert statuses == [200] * IN_FLIGHT
+    assert await asyncio.to_thread(gateway.proc.wait, 30) == 0
