@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from resilgate.config import Config
 from resilgate.errors import GatewayError
@@ -29,7 +30,7 @@ def _error_response(status: int, body: dict[str, str | int], request_id: str) ->
 
 
 @web.middleware
-async def errors_as_json(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: every failure becomes a JSON answer that carries the request id."""
     try:
         return await handler(request)
@@ -46,7 +47,7 @@ async def errors_as_json(request: web.Request, handler: web.Handler) -> web.Stre
 
 
 @web.middleware
-async def request_id(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Take the client's ``X-Request-ID`` or make one; it goes upstream and comes back."""
     request[REQUEST_ID] = request_id_from(request.headers.get(REQUEST_ID_HEADER))
     response = await handler(request)
@@ -56,7 +57,7 @@ async def request_id(request: web.Request, handler: web.Handler) -> web.StreamRe
 
 
 @web.middleware
-async def access_log(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     """One JSON line per request: route, who served it, status, duration. Never the path."""
     started = time.perf_counter()
     status = 500

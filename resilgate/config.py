@@ -46,7 +46,7 @@ class Listeners(_Model):
     """The gateway's listeners."""
 
     public: Listener = Field(
-        default_factory=lambda: Listener(),
+        default_factory=Listener,
         description="Where clients (HIS workstations, kiosks, the patient app) connect.",
     )
 
@@ -87,6 +87,7 @@ class Upstream(_Model):
     endpoints: list[Endpoint] = Field(
         min_length=1, description="The sites that can serve this upstream."
     )
+
     @model_validator(mode="after")
     def _unique_endpoints(self) -> Upstream:
         names = [endpoint.name for endpoint in self.endpoints]
@@ -142,7 +143,7 @@ class Route(_Model):
     criticality: Literal["core", "support", "reporting"] = Field(
         "support", description="`core` business, `support`, or `reporting` (shed first)."
     )
-    timeouts: Timeouts = Field(default_factory=lambda: Timeouts(), description="Timeouts.")
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="Timeouts.")
     max_body_bytes: int = Field(
         10 * 1024 * 1024, ge=0, description="Largest request body accepted; larger gets 413."
     )
@@ -154,7 +155,7 @@ class Route(_Model):
 class Config(_Model):
     """The main configuration file."""
 
-    listeners: Listeners = Field(default_factory=lambda: Listeners(), description="Listeners.")
+    listeners: Listeners = Field(default_factory=Listeners, description="Listeners.")
     workers: int = Field(0, ge=0, le=256, description="Worker processes; 0 is one per core.")
     max_connections_per_endpoint: int = Field(
         256, ge=1, description="Pooled keep-alive connections per endpoint and worker."
@@ -162,7 +163,7 @@ class Config(_Model):
     drain_deadline_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
-    state: StateConfig = Field(default_factory=lambda: StateConfig(), description="State.")
+    state: StateConfig = Field(default_factory=StateConfig, description="State.")
     upstreams: dict[Name, Upstream] = Field(
         min_length=1, description="Hospital systems by name, e.g. `his`."
     )
@@ -204,7 +205,9 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        return (
+            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        )
 
 
 class ConfigError(Exception):
@@ -329,7 +332,9 @@ def load_config(path: Path | str) -> Config:
         if not matched:
             index = includes.index(pattern)
             problems.append(
-                sources.problem(("include_routes", index), f"no file matches {pattern!r}", main_file)
+                sources.problem(
+                    ("include_routes", index), f"no file matches {pattern!r}", main_file
+                )
             )
         for route_path in matched:
             route_data, route_lines = _read_yaml(Path(route_path))

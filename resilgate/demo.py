@@ -77,7 +77,9 @@ def _with_ports(config: Config, simulators: list[_Simulator], port: int | None) 
         endpoints = []
         for endpoint in upstream.endpoints:
             url = AnyHttpUrl.build(
-                scheme="http", host=endpoint.url.host or "127.0.0.1", port=by_site[name, endpoint.name]
+                scheme="http",
+                host=endpoint.url.host or "127.0.0.1",
+                port=by_site[name, endpoint.name],
             )
             endpoints.append(endpoint.model_copy(update={"url": url}))
         upstreams[name] = Upstream(endpoints=endpoints)
@@ -103,7 +105,7 @@ def _banner(config: Config, simulators: list[_Simulator], port: int) -> str:
         f"  curl -i '{gateway}/fhir/AllergyIntolerance?patient=test-0001'",
         f"  curl -i {gateway}/reg/v1/departments",
         f"  curl -i -X POST {gateway}/fsi/api/callService -H 'Content-Type: application/json' \\",
-        "       -d '{\"infno\":\"1101\",\"msgid\":\"H31010400001202503200912000001\","
+        '       -d \'{"infno":"1101","msgid":"H31010400001202503200912000001",'
         '"input":{"data":{"psn_no":"TEST0001"}}}\'',
         "Every answer names who served it in X-Resilgate-Upstream. Ctrl-C stops everything.",
         "",

@@ -20,7 +20,12 @@ class GatewayError(Exception):
         self.details = details
 
     def body(self, request_id: str) -> dict[str, str | int]:
-        return {"error": self.code, "message": self.message, **self.details, "request_id": request_id}
+        return {
+            "error": self.code,
+            "message": self.message,
+            **self.details,
+            "request_id": request_id,
+        }
 
 
 class NoRoute(GatewayError):

@@ -7,6 +7,7 @@ the workers, restarts one that dies, and on SIGTERM lets each drain before it ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -65,10 +66,9 @@ async def run_worker(config: Config, port: int, on_ready: Callable[[int], None])
 def _worker_main(config: Config, port: int, ready: SimpleQueue[int]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
-    try:  # if the supervisor is killed outright, drain instead of lingering
+    # If the supervisor is killed outright, drain instead of lingering.
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
     uvloop.run(run_worker(config, port, lambda _port: ready.put(os.getpid())))
 
 

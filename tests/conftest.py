@@ -1,7 +1,8 @@
-"""Harness shared by all tests: real processes on ephemeral loopback ports, waited on by condition."""
+"""Harness shared by all tests: real processes on ephemeral loopback ports, condition waits."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,9 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def wait_until(
-    condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
-) -> Any:
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll ``condition`` until it returns a truthy value or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while True:
@@ -67,10 +66,8 @@ class ServerProcess:
 
     def kill_group(self) -> None:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc.wait(timeout=10)
 
 

@@ -14,6 +14,7 @@ import hashlib
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from resilgate.simulators import SimulatorOptions
 
@@ -38,9 +39,7 @@ STATE = web.AppKey("echo_state", EchoState)
 
 
 @web.middleware
-async def count_in_flight(
-    request: web.Request, handler: web.RequestHandler
-) -> web.StreamResponse:
+async def count_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = request.app[STATE]
     if request.path.startswith("/_sim/"):
         return await handler(request)

@@ -16,21 +16,48 @@ from tests.conftest import ServerProcess, Spawner, wait_until
 from tests.gateway import primary, start_gateway
 
 ROUTES = [
-    {"name": "small-body", "upstream": "echo", "match": {"path_prefix": "/echo/small"},
-     "max_body_bytes": 100},
-    {"name": "settle", "upstream": "echo",
-     "match": {"path": "/echo/envelope", "methods": ["POST"],
-               "body": {"field": "infno", "values": ["2207"]}},
-     "body_read_cap_bytes": 1024},
-    {"name": "trial", "upstream": "echo2",
-     "match": {"path": "/echo/envelope", "methods": ["POST"]}},
-    {"name": "only-get", "upstream": "echo", "match": {"path": "/echo/get-only", "methods": ["GET"]}},
-    {"name": "api-host", "upstream": "echo2",
-     "match": {"path_prefix": "/", "host": "api.hospital.test"}},
-    {"name": "slow", "upstream": "echo", "match": {"path_prefix": "/slow/"},
-     "timeouts": {"connect_s": 1, "total_s": 0.5}},
-    {"name": "everything", "upstream": "echo",
-     "match": {"path_prefix": "/", "methods": ["GET", "HEAD", "POST", "PUT", "DELETE"]}},
+    {
+        "name": "small-body",
+        "upstream": "echo",
+        "match": {"path_prefix": "/echo/small"},
+        "max_body_bytes": 100,
+    },
+    {
+        "name": "settle",
+        "upstream": "echo",
+        "match": {
+            "path": "/echo/envelope",
+            "methods": ["POST"],
+            "body": {"field": "infno", "values": ["2207"]},
+        },
+        "body_read_cap_bytes": 1024,
+    },
+    {
+        "name": "trial",
+        "upstream": "echo2",
+        "match": {"path": "/echo/envelope", "methods": ["POST"]},
+    },
+    {
+        "name": "only-get",
+        "upstream": "echo",
+        "match": {"path": "/echo/get-only", "methods": ["GET"]},
+    },
+    {
+        "name": "api-host",
+        "upstream": "echo2",
+        "match": {"path_prefix": "/", "host": "api.hospital.test"},
+    },
+    {
+        "name": "slow",
+        "upstream": "echo",
+        "match": {"path_prefix": "/slow/"},
+        "timeouts": {"connect_s": 1, "total_s": 0.5},
+    },
+    {
+        "name": "everything",
+        "upstream": "echo",
+        "match": {"path_prefix": "/", "methods": ["GET", "HEAD", "POST", "PUT", "DELETE"]},
+    },
 ]
 
 
@@ -48,12 +75,16 @@ def stack(module_spawn: Spawner) -> Iterator[ServerProcess]:
     dead_url = f"http://127.0.0.1:{_closed_port()}"
     routes = list(ROUTES)
     # the unreachable upstream gets its own route ahead of the catch-all
-    routes.insert(0, {"name": "unreachable", "upstream": "dead",
-                      "match": {"path_prefix": "/unreachable"}})
+    routes.insert(
+        0, {"name": "unreachable", "upstream": "dead", "match": {"path_prefix": "/unreachable"}}
+    )
     gateway = start_gateway(
         spawn,
-        {"echo": primary(echo.url()), "echo2": primary(echo2.url(), "dr"),
-         "dead": primary(dead_url)},
+        {
+            "echo": primary(echo.url()),
+            "echo2": primary(echo2.url(), "dr"),
+            "dead": primary(dead_url),
+        },
         routes,
     )
     gateway.extra["echo"] = echo
@@ -94,7 +125,9 @@ async def test_response_names_upstream_and_route_order(
         assert resp.status == 200
 
     def routes_taken() -> list[str]:
-        by_id = {r["request_id"]: r["route"] for r in stack.log_records() if r.get("event") == "access"}
+        by_id = {
+            r["request_id"]: r["route"] for r in stack.log_records() if r.get("event") == "access"
+        }
         return [by_id.get(f"order-{n}", "") for n in range(1, 5)]
 
     wait_until(lambda: all(routes_taken()), what="access log lines")
@@ -160,6 +193,7 @@ async def test_per_route_body_limit_is_413(
 ) -> None:
     async with client.post(stack.url() + "/echo/small", data=b"x" * 101) as resp:
         assert resp.status == 413
+
     async def chunks() -> AsyncIterator[bytes]:
         for _ in range(10):
             yield b"y" * 50
@@ -211,7 +245,9 @@ def test_bodiless_answers_carry_no_body(
 ) -> None:
     # A raw socket sees exactly what the gateway wrote: no stray body bytes before the next answer.
     with socket.create_connection(("127.0.0.1", stack.port())) as sock:
-        request = f"{method} {path} HTTP/1.1\r\nHost: t\r\n\r\nGET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n"
+        request = (
+            f"{method} {path} HTTP/1.1\r\nHost: t\r\n\r\nGET /echo/next HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
         sock.sendall(request.encode())
         data = b""
         sock.settimeout(5)
@@ -271,8 +307,12 @@ async def test_hop_by_hop_headers_removed_both_ways(
 async def test_forwarding_headers_and_request_id(
     stack: ServerProcess, client: aiohttp.ClientSession
 ) -> None:
-    headers = {"X-Forwarded-For": "10.1.2.3", "Via": "1.1 lb", "X-Request-ID": "abc-123",
-               "Host": "his.hospital.test"}
+    headers = {
+        "X-Forwarded-For": "10.1.2.3",
+        "Via": "1.1 lb",
+        "X-Request-ID": "abc-123",
+        "Host": "his.hospital.test",
+    }
     async with client.get(stack.url() + "/echo/fwd", headers=headers) as resp:
         assert resp.headers["X-Request-ID"] == "abc-123"
         assert resp.headers["Via"].endswith("1.1 resilgate")
@@ -301,7 +341,8 @@ async def test_access_log_line_per_request_without_path_or_body(
     stack: ServerProcess, client: aiohttp.ClientSession
 ) -> None:
     async with client.post(
-        stack.url() + "/echo/Patient/p-10086", data=b'{"name":"secret"}',
+        stack.url() + "/echo/Patient/p-10086",
+        data=b'{"name":"secret"}',
         headers={"X-Request-ID": "log-1"},
     ) as resp:
         assert resp.status == 200

@@ -41,8 +41,7 @@ async def test_sigterm_drains_in_flight_requests(spawn: Spawner, workers: int) -
     )
     async with aiohttp.ClientSession() as client, aiohttp.ClientSession() as control:
         slow = [
-            asyncio.create_task(client.get(gateway.url() + "/slow/2500"))
-            for _ in range(IN_FLIGHT)
+            asyncio.create_task(client.get(gateway.url() + "/slow/2500")) for _ in range(IN_FLIGHT)
         ]
         deadline = asyncio.get_running_loop().time() + 10
         while await in_flight_at(echo, control) < IN_FLIGHT:

@@ -67,8 +67,15 @@ async def test_100mb_upload_and_download_stream_through(spawn: Spawner) -> None:
     gateway = start_gateway(
         spawn,
         {"echo": primary(echo.url())},
-        [{"name": "bulk", "upstream": "echo", "match": {"path_prefix": "/"},
-          "max_body_bytes": 200 * 1024 * 1024, "timeouts": {"connect_s": 2, "total_s": 120}}],
+        [
+            {
+                "name": "bulk",
+                "upstream": "echo",
+                "match": {"path_prefix": "/"},
+                "max_body_bytes": 200 * 1024 * 1024,
+                "timeouts": {"connect_s": 2, "total_s": 120},
+            }
+        ],
     )
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as client:
