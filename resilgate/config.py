@@ -143,7 +143,9 @@ class Route(_Model):
     criticality: Literal["core", "support", "reporting"] = Field(
         "support", description="`core` business, `support`, or `reporting` (shed first)."
     )
-    timeouts: Timeouts = Field(default_factory=Timeouts, description="Timeouts.")
+    timeouts: Timeouts = Field(
+        default_factory=Timeouts, description="Connect and total timeouts of the upstream call."
+    )
     max_body_bytes: int = Field(
         10 * 1024 * 1024, ge=0, description="Largest request body accepted; larger gets 413."
     )
@@ -155,7 +157,9 @@ class Route(_Model):
 class Config(_Model):
     """The main configuration file."""
 
-    listeners: Listeners = Field(default_factory=Listeners, description="Listeners.")
+    listeners: Listeners = Field(
+        default_factory=Listeners, description="Addresses the gateway listens on."
+    )
     workers: int = Field(0, ge=0, le=256, description="Worker processes; 0 is one per core.")
     max_connections_per_endpoint: int = Field(
         256, ge=1, description="Pooled keep-alive connections per endpoint and worker."
@@ -163,7 +167,9 @@ class Config(_Model):
     drain_deadline_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
-    state: StateConfig = Field(default_factory=StateConfig, description="State.")
+    state: StateConfig = Field(
+        default_factory=StateConfig, description="Where shared state (modes, journal) is kept."
+    )
     upstreams: dict[Name, Upstream] = Field(
         min_length=1, description="Hospital systems by name, e.g. `his`."
     )
