@@ -3,7 +3,7 @@
 It reports exactly what reached it (method, raw target, every header, a checksum of the body)
 and produces the awkward responses a proxy must pass through untouched: large streamed
 bodies, gzip, repeated ``Set-Cookie``, redirects, bodiless statuses, hop-by-hop headers and
-slow answers.
+slow answers. Faults and ``/_sim/stats`` come from :mod:`resilgate.simulators.faults`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import hashlib
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from resilgate.simulators import SimulatorOptions
+from resilgate.simulators.faults import install_faults
 
 CHUNK = 64 * 1024
 GZIP_TEXT = b'{"resourceType":"Bundle","note":"gzip passes through"}' * 20
@@ -27,28 +27,6 @@ def pattern_bytes(size: int) -> bytes:
     block = bytes(range(256)) * (CHUNK // 256)
     full, rest = divmod(size, CHUNK)
     return block * full + block[:rest]
-
-
-class EchoState:
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.requests = 0
-
-
-STATE = web.AppKey("echo_state", EchoState)
-
-
-@web.middleware
-async def count_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
-    state = request.app[STATE]
-    if request.path.startswith("/_sim/"):
-        return await handler(request)
-    state.in_flight += 1
-    state.requests += 1
-    try:
-        return await handler(request)
-    finally:
-        state.in_flight -= 1
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -130,18 +108,9 @@ async def head_target(request: web.Request) -> web.Response:
     return web.Response(body=b"x" * 1234, content_type="text/plain")
 
 
-async def stats(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response({"in_flight": state.in_flight, "requests": state.requests})
-
-
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "kind": "echo"})
-
-
 def build_app(options: SimulatorOptions) -> web.Application:
-    app = web.Application(middlewares=[count_in_flight])
-    app[STATE] = EchoState()
+    app = web.Application()
+    install_faults(app, options)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_get("/bytes/{size:\\d+}", stream_bytes)
     app.router.add_get("/gzip", gzipped)
@@ -151,6 +120,4 @@ def build_app(options: SimulatorOptions) -> web.Application:
     app.router.add_get("/hop-by-hop", hop_by_hop)
     app.router.add_get("/slow/{ms:\\d+}", slow)
     app.router.add_get("/sized", head_target)
-    app.router.add_get("/health", health)
-    app.router.add_get("/_sim/stats", stats)
     return app
