@@ -93,12 +93,13 @@ def _banner(config: Config, simulators: list[_Simulator], port: int) -> str:
     gateway = f"http://{config.listeners.public.host}:{port}"
     lines = ["", "resilgate demo: simulated hospital upstreams behind the gateway", ""]
     for sim in simulators:
+        label = f"{sim.upstream}/{sim.endpoint.name}"
         lines.append(
-            f"  {sim.upstream}/{sim.endpoint.name:<8} http://127.0.0.1:{sim.port}  "
+            f"  {label:<22} http://127.0.0.1:{sim.port}  "
             f"(pid {sim.process.pid}; faults: PUT /_sim/fault)"
         )
     lines += [
-        f"  gateway          {gateway}",
+        f"  {'gateway':<22} {gateway}",
         "",
         "Try:",
         f"  curl -i {gateway}/fhir/Patient/test-0001",
