@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -10,11 +11,20 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from resilgate.config import Config
-from resilgate.errors import GatewayError
+from resilgate.errors import ClientGone, GatewayError
 from resilgate.headers import REQUEST_ID as REQUEST_ID_HEADER
 from resilgate.headers import request_id_from
 from resilgate.logs import get_logger
-from resilgate.proxy import GATEWAY, REQUEST_ID, ROUTE, SERVED_BY, Gateway, proxy_request
+from resilgate.proxy import (
+    GATEWAY,
+    OUTCOME,
+    REQUEST_ID,
+    ROUTE,
+    SERVED_BY,
+    Gateway,
+    defer_expect,
+    proxy_request,
+)
 from resilgate.upstream import new_session
 
 log = get_logger("resilgate.access")
@@ -68,6 +78,11 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
     except GatewayError as exc:
         status = exc.status
         raise
+    except asyncio.CancelledError:
+        # The client went away and aiohttp cancelled the handler (and the upstream call).
+        status = ClientGone.status
+        request[OUTCOME] = "client_gone"
+        raise
     finally:
         route = request.get(ROUTE)
         log.info(
@@ -78,6 +93,7 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
             criticality=route.criticality if route else None,
             upstream=request.get(SERVED_BY),
             status=status,
+            outcome=request.get(OUTCOME),
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
         )
 
@@ -94,5 +110,5 @@ def build_app(config: Config) -> web.Application:
         await gateway.session.close()
 
     app.cleanup_ctx.append(client_session)
-    app.router.add_route("*", "/{tail:.*}", proxy_request)
+    app.router.add_route("*", "/{tail:.*}", proxy_request, expect_handler=defer_expect)
     return app

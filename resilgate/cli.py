@@ -22,6 +22,13 @@ def _load(path: Path) -> Config | None:
         return None
 
 
+def _workers(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("workers is 0 (one per core) or more")
+    return value
+
+
 def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
@@ -74,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = verbs.add_parser("serve", help="run the gateway")
     config_option(serve)
-    serve.add_argument("--workers", type=int, help="worker processes (default: config, or cores)")
+    serve.add_argument(
+        "--workers", type=_workers, help="worker processes (default: config, or cores)"
+    )
     ready_option(serve)
     serve.set_defaults(run=_serve)
 
@@ -85,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="simulated upstreams plus the gateway")
     config_option(demo)
     demo.add_argument("--port", type=int, help="gateway port (default: the config's)")
-    demo.add_argument("--workers", type=int, help="gateway worker processes")
+    demo.add_argument("--workers", type=_workers, help="gateway worker processes")
     demo.add_argument(
         "--ephemeral", action="store_true", help="free ports for everything (for tests)"
     )

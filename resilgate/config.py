@@ -115,6 +115,13 @@ class Match(_Model):
         None, description="JSON body field match; the body is read up to `body_read_cap_bytes`."
     )
 
+    @field_validator("host")
+    @classmethod
+    def _host_without_port(cls, host: str | None) -> str | None:
+        if host is not None and (":" in host.rsplit("]", 1)[-1] or "/" in host):
+            raise ValueError(f"give the host name without port or path: {host!r}")
+        return host
+
     @model_validator(mode="after")
     def _one_path(self) -> Match:
         if (self.path is None) == (self.path_prefix is None):
@@ -163,6 +170,14 @@ class Config(_Model):
     workers: int = Field(0, ge=0, le=256, description="Worker processes; 0 is one per core.")
     max_connections_per_endpoint: int = Field(
         256, ge=1, description="Pooled keep-alive connections per endpoint and worker."
+    )
+    client_body_timeout_s: float = Field(
+        30.0, gt=0, description="Time a client has to send a body that routing must read."
+    )
+    max_header_bytes: int = Field(
+        32768,
+        ge=1024,
+        description="Longest request line or header line accepted (FHIR searches are long).",
     )
     drain_deadline_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
@@ -238,23 +253,30 @@ def _field_path(loc: Loc) -> str:
     return text
 
 
-def _lines(node: yaml.Node, loc: Loc, out: dict[Loc, int]) -> None:
+def _lines(node: yaml.Node, loc: Loc, out: dict[Loc, int], duplicates: list[Loc]) -> None:
     out[loc] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
         for key, value in node.value:
             child = (*loc, str(key.value))
-            _lines(value, child, out)
+            if child[-1] in seen:
+                duplicates.append(child)
+            seen.add(str(key.value))
+            _lines(value, child, out, duplicates)
             out[child] = key.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _lines(item, (*loc, index), out)
+            _lines(item, (*loc, index), out, duplicates)
 
 
 def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
+    file = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([Problem(str(path), None, "", f"cannot read: {exc.strerror}")]) from exc
+        raise ConfigError([Problem(file, None, "", f"cannot read: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(file, None, "", "not UTF-8 text")]) from exc
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -262,10 +284,18 @@ def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         reason = f"YAML syntax error: {exc.problem or exc.context}"
-        raise ConfigError([Problem(str(path), line, "", reason)]) from exc
+        raise ConfigError([Problem(file, line, "", reason)]) from exc
     lines: dict[Loc, int] = {}
+    duplicates: list[Loc] = []
     if node is not None:
-        _lines(node, (), lines)
+        _lines(node, (), lines, duplicates)
+    if duplicates:
+        raise ConfigError(
+            [
+                Problem(file, lines[loc], _field_path(loc), "duplicate key (only one may be given)")
+                for loc in duplicates
+            ]
+        )
     return data, lines
 
 
@@ -318,8 +348,43 @@ def _reference_problems(config: Config, sources: _SourceMap, file: str) -> Itera
             seen[route.name] = index
 
 
+def _route_files(
+    data: dict[str, Any], base_dir: Path, sources: _SourceMap, main_file: str
+) -> tuple[list[Any], list[Problem]]:
+    """Read the included route tables; their routes, rebased into the merged config."""
+    problems: list[Problem] = []
+    inline = data.get("routes", [])
+    routes: list[Any] = list(inline) if isinstance(inline, list) else []
+    includes = data.get("include_routes", ["routes/*.yaml"])
+    for index, pattern in enumerate(includes if isinstance(includes, list) else []):
+        matched = sorted(glob.glob(os.path.join(base_dir, str(pattern))))
+        if not matched:
+            where = ("include_routes", index)
+            problems.append(sources.problem(where, f"no file matches {pattern!r}", main_file))
+        for route_path in matched:
+            try:
+                route_data, route_lines = _read_yaml(Path(route_path))
+                RouteFile.model_validate(route_data)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+                continue
+            except ValidationError as exc:
+                file_sources = _SourceMap()
+                file_sources.add(route_path, route_lines)
+                problems.extend(_pydantic_problems(exc, file_sources, route_path))
+                continue
+            for local_index, route in enumerate(route_data["routes"]):
+                merged = ("routes", len(routes))
+                sources.add(route_path, route_lines, rebase=(("routes", local_index), merged))
+                routes.append(route)
+    return routes, problems
+
+
 def load_config(path: Path | str) -> Config:
-    """Read, merge and validate the main file and its route tables; raise ConfigError."""
+    """Read, merge and validate the main file and its route tables; raise ConfigError.
+
+    Every problem found in any file is reported at once.
+    """
     main_path = Path(path)
     main_file = str(main_path)
     data, lines = _read_yaml(main_path)
@@ -327,47 +392,18 @@ def load_config(path: Path | str) -> Config:
         raise ConfigError([Problem(main_file, 1, "", "the file must be a YAML mapping")])
     sources = _SourceMap()
     sources.add(main_file, lines)
-    problems: list[Problem] = []
-
-    base_dir = main_path.parent
-    inline_routes = data.get("routes") or []
-    merged_routes: list[Any] = list(inline_routes) if isinstance(inline_routes, list) else []
-    includes = data.get("include_routes", ["routes/*.yaml"])
-    for pattern in includes if isinstance(includes, list) else []:
-        matched = sorted(glob.glob(os.path.join(base_dir, str(pattern))))
-        if not matched:
-            index = includes.index(pattern)
-            problems.append(
-                sources.problem(
-                    ("include_routes", index), f"no file matches {pattern!r}", main_file
-                )
-            )
-        for route_path in matched:
-            route_data, route_lines = _read_yaml(Path(route_path))
-            try:
-                RouteFile.model_validate(route_data)
-            except ValidationError as exc:
-                file_sources = _SourceMap()
-                file_sources.add(route_path, route_lines)
-                problems.extend(_pydantic_problems(exc, file_sources, route_path))
-                continue
-            offset = len(merged_routes)
-            for local_index, route in enumerate(route_data["routes"]):
-                sources.add(
-                    route_path,
-                    route_lines,
-                    rebase=(("routes", local_index), ("routes", offset + local_index)),
-                )
-                merged_routes.append(route)
-    if problems:
-        raise ConfigError(problems)
-
+    routes, problems = _route_files(data, main_path.parent, sources, main_file)
+    merged = {**data, "routes": routes} if isinstance(data.get("routes", []), list) else data
     try:
-        config = Config.model_validate({**data, "routes": merged_routes})
+        config = Config.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(list(_pydantic_problems(exc, sources, main_file))) from exc
+        problems.extend(_pydantic_problems(exc, sources, main_file))
+        raise ConfigError(problems) from exc
     problems.extend(_reference_problems(config, sources, main_file))
+    if not config.routes and not problems:
+        reason = "no routes: neither this file nor the included route tables define any"
+        problems.append(sources.problem(("include_routes",), reason, main_file))
     if problems:
         raise ConfigError(problems)
-    config._base_dir = base_dir
+    config._base_dir = main_path.parent
     return config

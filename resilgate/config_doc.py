@@ -1,11 +1,14 @@
 """The README's configuration reference, generated from the pydantic models.
 
-``python -m resilgate.config_doc`` prints it; a test keeps the README in step.
+``python -m resilgate.config_doc`` prints it, ``... --write README.md`` updates the README;
+a test keeps the README in step.
 """
 
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 from typing import get_origin
 
 from pydantic import BaseModel
@@ -79,5 +82,15 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def rewrite(readme: Path) -> None:
+    """Replace the reference block of ``readme`` with the current one."""
+    text = readme.read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    readme.write_text(text[:start] + reference_markdown() + text[end:])
+
+
 if __name__ == "__main__":
-    print(reference_markdown())
+    if sys.argv[1:2] == ["--write"]:
+        rewrite(Path(sys.argv[2]))
+    else:
+        print(reference_markdown())

@@ -15,7 +15,7 @@ from pydantic import AnyHttpUrl
 
 from resilgate.config import Config, Endpoint, Listener, Listeners, Upstream
 from resilgate.simulators import SIMULATOR_KINDS
-from resilgate.workers import serve
+from resilgate.workers import die_with_parent, serve
 
 START_DEADLINE_S = 20.0
 
@@ -38,7 +38,13 @@ def _start(upstream: str, endpoint: Endpoint, ephemeral: bool, workdir: Path) ->
     command = [sys.executable, "-m", "resilgate", "simulate", upstream]
     command += ["--host", endpoint.url.host or "127.0.0.1", "--port", str(port), "--site", site]
     command += ["--ready-file", str(ready_file)]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    # die_with_parent: a killed demo must not leave simulators holding the demo's ports.
+    process = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent,  # noqa: PLW1509 (no threads here)
+    )
     log.close()
     return _Simulator(upstream, endpoint, process, ready_file)
 

@@ -38,6 +38,20 @@ class RequestBodyTooLarge(GatewayError):
     code = "request_body_too_large"
 
 
+class ClientTooSlow(GatewayError):
+    """The client did not send its body in time."""
+
+    status = 408
+    code = "request_body_timeout"
+
+
+class ClientGone(GatewayError):
+    """The client went away mid-exchange; nobody is left to answer (logged as 499)."""
+
+    status = 499
+    code = "client_gone"
+
+
 class UpstreamError(GatewayError):
     """The upstream call failed; ``endpoint`` names the one tried."""
 

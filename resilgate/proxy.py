@@ -9,14 +9,18 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import StreamReader, web
+from aiohttp import StreamReader, hdrs, web
+from aiohttp.http import HttpVersion11
 
 from resilgate.config import Config, Route
 from resilgate.errors import (
+    ClientGone,
+    ClientTooSlow,
     NoRoute,
     RequestBodyTooLarge,
     UpstreamBroken,
     UpstreamConnectTimeout,
+    UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -30,6 +34,10 @@ log = get_logger("resilgate.proxy")
 REQUEST_ID = web.RequestKey("request_id", str)
 ROUTE = web.RequestKey("route", Route)
 SERVED_BY = web.RequestKey("served_by", str)
+# How an exchange ended when its status alone does not say: "truncated" (the upstream broke
+# mid-body), "client_gone" (the client left first), or an upstream failure's cause.
+OUTCOME = web.RequestKey("outcome", str)
+_BODY = web.RequestKey("buffered_body", bytes)
 
 
 @dataclass
@@ -59,18 +67,47 @@ class Gateway:
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
-async def _read_capped(content: StreamReader, cap: int) -> bytes:
+async def defer_expect(request: web.Request) -> None:
+    """Hold back ``100 Continue``: the handler sends it once route and size checks pass."""
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {request.headers[hdrs.EXPECT]}")
+
+
+async def _send_continue(request: web.Request) -> None:
+    if (
+        request.version == HttpVersion11
+        and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+    ):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+
+
+async def _read_for_matching(
+    request: web.Request, route: Route, timeout_s: float
+) -> Mapping[str, Any]:
+    """Read a small body to match on; returns its JSON object (empty when it is not one)."""
+    cap = route.body_read_cap_bytes
+    too_large = RequestBodyTooLarge(
+        f"a body over {cap} bytes cannot be inspected by route {route.name!r} "
+        "(routes[].body_read_cap_bytes)",
+        limit=cap,
+    )
+    if (request.content_length or 0) > cap:
+        raise too_large
+    await _send_continue(request)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in content.iter_any():
-        size += len(chunk)
-        if size > cap:
-            raise RequestBodyTooLarge(f"a body-matched route reads at most {cap} bytes", limit=cap)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _json_object(body: bytes) -> Mapping[str, Any]:
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > cap:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise ClientTooSlow(f"request body not received within {timeout_s}s") from exc
+    body = b"".join(chunks)
+    request[_BODY] = body
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -78,17 +115,25 @@ def _json_object(body: bytes) -> Mapping[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-class _LimitedBody:
-    """Streams the client's body upstream and notes when it passes the route's limit."""
+class _StreamedBody:
+    """Streams the client's body upstream; notes whether it passed the limit or broke."""
 
     def __init__(self, content: StreamReader, limit: int) -> None:
         self._content = content
         self._limit = limit
         self.exceeded = False
+        self.client_failed = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         seen = 0
-        async for chunk in self._content.iter_any():
+        while True:
+            try:
+                chunk = await self._content.readany()
+            except Exception:
+                self.client_failed = True
+                raise
+            if not chunk:
+                return
             seen += len(chunk)
             if seen > self._limit:
                 self.exceeded = True
@@ -103,14 +148,11 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
     host = host_without_port(request.host)
     path = request.path
 
-    body: bytes | None = None
     fields: Mapping[str, Any] | None = None
-    cap = gateway.routes.body_cap(method, host, path)
-    if cap is not None:
-        if request.content_length is not None and request.content_length > cap:
-            raise RequestBodyTooLarge(f"a body-matched route reads at most {cap} bytes", limit=cap)
-        body = await _read_capped(request.content, cap)
-        fields = _json_object(body)
+    body_route = gateway.routes.body_route(method, host, path)
+    if body_route is not None:
+        timeout_s = gateway.config.client_body_timeout_s
+        fields = await _read_for_matching(request, body_route, timeout_s)
 
     route = gateway.routes.match(method, host, path, fields)
     if route is None:
@@ -118,10 +160,13 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
     request[ROUTE] = route
 
     limit = route.max_body_bytes
+    body = request.get(_BODY)
     if (request.content_length or 0) > limit or (body is not None and len(body) > limit):
         raise RequestBodyTooLarge(f"request body over {limit} bytes", limit=limit)
 
     endpoint = gateway.clusters[route.upstream].choose()
+    if body is None:
+        await _send_continue(request)
     return await _forward(request, gateway, route, endpoint, body)
 
 
@@ -141,10 +186,10 @@ async def _forward(
         host=request.host,
         request_id=request_id,
     )
-    streamed: _LimitedBody | None = None
+    streamed: _StreamedBody | None = None
     data: bytes | AsyncIterator[bytes] | None = body
     if body is None and request.body_exists:
-        streamed = _LimitedBody(request.content, route.max_body_bytes)
+        streamed = _StreamedBody(request.content, route.max_body_bytes)
         data = streamed.chunks()
 
     response: web.StreamResponse | None = None
@@ -163,38 +208,71 @@ async def _forward(
                 headers=client_response_headers(upstream.raw_headers, request_id, endpoint.label),
             )
             request[SERVED_BY] = endpoint.label
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
+            await _to_client(request, response.prepare(request))
+            while chunk := await upstream.content.readany():
+                await _to_client(request, response.write(chunk))
+            await _to_client(request, response.write_eof())
             return response
+    except ClientGone:
+        _cut(request)
+        if response is None or not response.prepared:
+            raise
+        return response
     except (aiohttp.ClientError, TimeoutError, RequestBodyTooLarge) as exc:
-        if streamed is not None and streamed.exceeded:
-            raise RequestBodyTooLarge(
-                f"request body over {route.max_body_bytes} bytes", limit=route.max_body_bytes
-            ) from exc
         if response is not None and response.prepared:
             # Headers already went out: all that is left is to cut the connection so the
             # client sees a truncated answer instead of a silently short one.
+            request[OUTCOME] = "truncated"
             log.warning(
                 "upstream_broke_midstream",
                 request_id=request_id,
                 route=route.name,
                 upstream=endpoint.label,
-                error=type(exc).__name__,
+                cause=type(exc).__name__,
             )
-            if request.transport is not None:
-                request.transport.abort()
+            _cut(request)
             return response
-        raise _upstream_error(exc, endpoint) from exc
+        if streamed is not None and streamed.exceeded:
+            raise RequestBodyTooLarge(
+                f"request body over {route.max_body_bytes} bytes", limit=route.max_body_bytes
+            ) from exc
+        if streamed is not None and streamed.client_failed:
+            raise ClientGone("the client broke off its upload") from exc
+        error = _upstream_error(exc, endpoint)
+        request[OUTCOME] = str(error.details.get("cause", ""))
+        raise error from exc
 
 
-def _upstream_error(exc: BaseException, endpoint: Endpoint) -> Exception:
+async def _to_client(request: web.Request, write: Any) -> None:
+    """Await a write to the client; a failure there is the client's, not the upstream's."""
+    try:
+        await write
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+        raise ClientGone("the client went away") from exc
+
+
+def _cut(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _cause(exc: BaseException) -> str:
+    """Exception class and OS reason, e.g. ``ClientConnectorError: Connection refused``."""
+    reason = getattr(exc, "strerror", None) or getattr(
+        getattr(exc, "os_error", None), "strerror", None
+    )
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
+def _upstream_error(exc: BaseException, endpoint: Endpoint) -> UpstreamError:
     where = endpoint.label
+    cause = _cause(exc)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamConnectTimeout(f"connecting to {where} timed out", upstream=where)
+        return UpstreamConnectTimeout(
+            f"connecting to {where} timed out", upstream=where, cause=cause
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamUnreachable(f"cannot connect to {where}", upstream=where)
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return UpstreamTimeout(f"{where} did not answer in time", upstream=where)
-    return UpstreamBroken(f"connection to {where} broke: {type(exc).__name__}", upstream=where)
+        return UpstreamUnreachable(f"cannot connect to {where}", upstream=where, cause=cause)
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"{where} did not answer in time", upstream=where, cause=cause)
+    return UpstreamBroken(f"connection to {where} broke", upstream=where, cause=cause)

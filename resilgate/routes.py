@@ -66,20 +66,21 @@ class RouteTable:
     def __repr__(self) -> str:
         return f"<RouteTable {len(self._routes)} routes>"
 
-    def body_cap(self, method: str, host: str, path: str) -> int | None:
-        """How many body bytes must be read to decide, or None when the body is not needed.
+    def body_route(self, method: str, host: str, path: str) -> Route | None:
+        """The body-matching route whose body cap applies, or None when no body is needed.
 
         The body is needed when a body-matching route comes before the first route that
-        matches on the request line alone.
+        matches on the request line alone; of several, the one reading most decides the cap.
         """
-        cap: int | None = None
+        widest: Route | None = None
         for compiled in self._routes:
             if not compiled.matches_request_line(method, host, path):
                 continue
             if compiled.body_field is None:
                 break
-            cap = max(cap or 0, compiled.route.body_read_cap_bytes)
-        return cap
+            if widest is None or compiled.route.body_read_cap_bytes > widest.body_read_cap_bytes:
+                widest = compiled.route
+        return widest
 
     def match(
         self, method: str, host: str, path: str, body: Mapping[str, Any] | None = None

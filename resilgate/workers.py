@@ -1,7 +1,8 @@
 """Worker processes: one event loop each, all sharing the public port with SO_REUSEPORT.
 
 A single worker runs in the main process. With more, the main process reserves the port, forks
-the workers, restarts one that dies, and on SIGTERM lets each drain before it exits.
+the workers, restarts one that dies (backing off when it keeps dying), and on SIGTERM lets every
+worker drain before it exits.
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
+import math
 import multiprocessing
 import os
 import signal
 import socket
+import sys
+import time
 from collections.abc import Callable
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkProcess
-from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 from types import FrameType
 
@@ -30,14 +34,47 @@ from resilgate.readyfile import write_ready_file
 
 log = get_logger("resilgate.workers")
 _PR_SET_PDEATHSIG = 1
+START_DEADLINE_S = 30.0
+MAX_RESTART_DELAY_S = 30.0
+
+
+class ListenError(Exception):
+    """The public listener cannot be opened; the message says which address and why."""
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def available_cpus() -> int:
+    """Cores this process may use: CPU affinity, capped by a cgroup v2 CPU quota if any."""
+    cpus = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    return cpus
 
 
 def worker_count(config: Config, override: int | None) -> int:
     wanted = override if override is not None else config.workers
-    return wanted or len(os.sched_getaffinity(0))
+    return wanted or available_cpus()
 
 
-async def run_worker(config: Config, port: int, on_ready: Callable[[int], None]) -> None:
+def _describe(exc: OSError, host: str, port: int) -> str:
+    reason = {
+        errno.EADDRINUSE: "address already in use (another gateway or program holds the port)",
+        errno.EADDRNOTAVAIL: "address not available on this machine",
+        errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
+    return f"listeners.public ({host}:{port}): {reason}"
+
+
+async def run_worker(
+    config: Config, port: int, on_ready: Callable[[int], None], reuse_port: bool
+) -> None:
     """Serve the public listener until SIGTERM/SIGINT, then drain within the deadline."""
     listener = config.listeners.public
     runner = web.AppRunner(
@@ -45,40 +82,61 @@ async def run_worker(config: Config, port: int, on_ready: Callable[[int], None])
         access_log=None,
         handle_signals=False,
         shutdown_timeout=config.drain_deadline_s,
+        handler_cancellation=True,
+        max_line_size=config.max_header_bytes,
+        max_field_size=config.max_header_bytes,
     )
     await runner.setup()
-    site = web.TCPSite(runner, listener.host, port, reuse_port=True, backlog=1024)
-    await site.start()
-    bound_port: int = runner.addresses[0][1]
-    log.info("listening", host=listener.host, port=bound_port, pid=os.getpid())
-    on_ready(bound_port)
+    try:
+        site = web.TCPSite(runner, listener.host, port, reuse_port=reuse_port, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(_describe(exc, listener.host, port)) from exc
+        bound_port: int = runner.addresses[0][1]
+        log.info("listening", host=listener.host, port=bound_port, pid=os.getpid())
+        on_ready(bound_port)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("draining", deadline_s=config.drain_deadline_s, pid=os.getpid())
-    await runner.cleanup()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("draining", deadline_s=config.drain_deadline_s, pid=os.getpid())
+    finally:
+        await runner.cleanup()
     log.info("stopped", pid=os.getpid())
 
 
-def _worker_main(config: Config, port: int, ready: SimpleQueue[int]) -> None:
+def _worker_main(config: Config, port: int, ready: Connection) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
-    # If the supervisor is killed outright, drain instead of lingering.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    uvloop.run(run_worker(config, port, lambda _port: ready.put(os.getpid())))
+    die_with_parent()  # if the supervisor is killed outright, drain instead of lingering
+    try:
+        uvloop.run(run_worker(config, port, lambda _port: ready.send(os.getpid()), True))
+    except ListenError as exc:
+        log.error("cannot_listen", reason=str(exc))
+        sys.exit(1)
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (without listening) so port 0 resolves once and every worker joins that port."""
+    """Bind (without listening) so port 0 resolves once and every worker joins that port.
+
+    A first bind without SO_REUSEPORT fails if anyone already holds the port, so a second
+    gateway cannot silently take half of the connections.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            port = probe.getsockname()[1]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise ListenError(_describe(exc, host, port)) from exc
     return sock
 
 
@@ -90,9 +148,12 @@ class Supervisor:
         self.count = count
         self.ready_file = ready_file
         self._context = multiprocessing.get_context("fork")
-        self._ready: SimpleQueue[int] = self._context.SimpleQueue()
+        # Workers report "listening" on one pipe; small messages are written atomically.
+        self._ready, self._report = self._context.Pipe(duplex=False)
         self._stopping = False
         self.workers: list[ForkProcess] = []
+        self._started_at: dict[int, float] = {}
+        self._restart_delay = 0.0
 
     def __repr__(self) -> str:
         alive = sum(worker.is_alive() for worker in self.workers)
@@ -100,13 +161,31 @@ class Supervisor:
 
     def _start_worker(self, port: int) -> ForkProcess:
         worker = self._context.Process(
-            target=_worker_main, args=(self.config, port, self._ready), daemon=False
+            target=_worker_main, args=(self.config, port, self._report), daemon=False
         )
         worker.start()
+        assert worker.pid is not None
+        self._started_at[worker.pid] = time.monotonic()
         return worker
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
+
+    def _await_ready(self) -> bool:
+        """Wait until every worker listens; False if one died first or a stop was asked."""
+        pending = self.count
+        deadline = time.monotonic() + START_DEADLINE_S
+        while pending:
+            if self._stopping or time.monotonic() > deadline:
+                return False
+            sentinels = [worker.sentinel for worker in self.workers]
+            ready = wait([self._ready, *sentinels], timeout=0.2)
+            if any(worker.sentinel in ready for worker in self.workers):
+                return False
+            if self._ready in ready:
+                self._ready.recv()
+                pending -= 1
+        return True
 
     def run(self) -> int:
         listener = self.config.listeners.public
@@ -115,27 +194,48 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.workers = [self._start_worker(port) for _ in range(self.count)]
-        for _ in range(self.count):
-            self._ready.get()
+        if not self._await_ready():
+            event = "stopped_during_startup" if self._stopping else "workers_failed_to_start"
+            log.error(event, workers=self.count, port=port)
+            self._stop_all(reserved)
+            return 1
         if self.ready_file is not None:
             write_ready_file(self.ready_file, {"public": port})
         log.info("supervisor_ready", workers=self.count, port=port, pid=os.getpid())
 
         while not self._stopping:
-            wait([worker.sentinel for worker in self.workers], timeout=0.5)
+            wait([self._ready, *(worker.sentinel for worker in self.workers)], timeout=0.5)
+            while self._ready.poll():  # restarted workers report in too
+                self._ready.recv()
             for index, worker in enumerate(self.workers):
                 if not worker.is_alive() and not self._stopping:
-                    log.error("worker_died", pid=worker.pid, exitcode=worker.exitcode)
-                    self.workers[index] = self._start_worker(port)
+                    self.workers[index] = self._restart(worker, port)
         return self._stop_all(reserved)
+
+    def _restart(self, dead: ForkProcess, port: int) -> ForkProcess:
+        lived = time.monotonic() - self._started_at.pop(dead.pid or 0, 0.0)
+        # A worker that dies right after starting would otherwise be restarted in a hot loop.
+        self._restart_delay = (
+            min(max(1.0, self._restart_delay * 2), MAX_RESTART_DELAY_S) if lived < 5 else 0.0
+        )
+        log.error(
+            "worker_died",
+            pid=dead.pid,
+            exitcode=dead.exitcode,
+            lived_s=round(lived, 1),
+            restart_in_s=self._restart_delay,
+        )
+        if self._restart_delay:
+            wait([], timeout=self._restart_delay)
+        return self._start_worker(port)
 
     def _stop_all(self, reserved: socket.socket) -> int:
         for worker in self.workers:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, signal.SIGTERM)
-        grace = self.config.drain_deadline_s + 5
+        deadline = time.monotonic() + self.config.drain_deadline_s + 5
         for worker in self.workers:
-            worker.join(grace)
+            worker.join(max(0.0, deadline - time.monotonic()))
             if worker.is_alive():
                 log.error("worker_killed_after_deadline", pid=worker.pid)
                 worker.kill()
@@ -150,12 +250,16 @@ def serve(config: Config, workers: int | None = None, ready_file: Path | None = 
     """Run the gateway until SIGTERM; the exit code is 0 after a clean drain."""
     configure_logging()
     count = worker_count(config, workers)
-    if count == 1:
+    try:
+        if count == 1:
 
-        def announce(port: int) -> None:
-            if ready_file is not None:
-                write_ready_file(ready_file, {"public": port})
+            def announce(port: int) -> None:
+                if ready_file is not None:
+                    write_ready_file(ready_file, {"public": port})
 
-        uvloop.run(run_worker(config, config.listeners.public.port, announce))
-        return 0
-    return Supervisor(config, count, ready_file).run()
+            uvloop.run(run_worker(config, config.listeners.public.port, announce, False))
+            return 0
+        return Supervisor(config, count, ready_file).run()
+    except ListenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -2,8 +2,8 @@
 
 It reports exactly what reached it (method, raw target, every header, a checksum of the body)
 and produces the awkward responses a proxy must pass through untouched: large streamed
-bodies, gzip, repeated ``Set-Cookie``, redirects, bodiless statuses, hop-by-hop headers and
-slow answers. Faults and ``/_sim/stats`` come from :mod:`resilgate.simulators.faults`.
+bodies, bodies cut short, gzip, repeated ``Set-Cookie``, redirects, bodiless statuses,
+hop-by-hop headers and slow answers. Faults and ``/_sim/stats`` come from :mod:`resilgate.simulators.faults`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ async def echo(request: web.Request) -> web.Response:
         "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers],
         "body_sha256": digest.hexdigest(),
         "body_length": length,
+        "peer_port": (request.transport.get_extra_info("peername") or ("", 0))[1]
+        if request.transport
+        else 0,
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
@@ -57,6 +60,18 @@ async def stream_bytes(request: web.Request) -> web.StreamResponse:
         await response.write(piece)
         sent += len(piece)
     await response.write_eof()
+    return response
+
+
+async def truncated(request: web.Request) -> web.StreamResponse:
+    """Promise ``2 * size`` bytes, send ``size``, then drop the connection."""
+    size = int(request.match_info["size"])
+    response = web.StreamResponse()
+    response.content_length = 2 * size
+    await response.prepare(request)
+    await response.write(pattern_bytes(size))
+    if request.transport is not None:
+        request.transport.abort()
     return response
 
 
@@ -113,6 +128,7 @@ def build_app(options: SimulatorOptions) -> web.Application:
     install_faults(app, options)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_get("/bytes/{size:\\d+}", stream_bytes)
+    app.router.add_get("/truncate/{size:\\d+}", truncated)
     app.router.add_get("/gzip", gzipped)
     app.router.add_get("/cookies", cookies)
     app.router.add_get("/redirect", redirect)

@@ -141,6 +141,35 @@ BAD_CONFIGS = [
         id="no-path",
     ),
     pytest.param(
+        MAIN + "upstreams:\n  his: {endpoints: []}\n",
+        ROUTES,
+        "resilgate.yaml",
+        10,
+        "upstreams",
+        "duplicate key",
+        id="duplicate-key",
+    ),
+    pytest.param(
+        MAIN,
+        ROUTES.replace(
+            "match: {path_prefix: /fhir/,", "match: {host: his.local:8080, path_prefix: /fhir/,"
+        ),
+        "his.yaml",
+        9,
+        "routes[1].match.host",
+        "without port",
+        id="host-with-port",
+    ),
+    pytest.param(
+        MAIN,
+        "routes: []\n",
+        "resilgate.yaml",
+        9,
+        "include_routes",
+        "no routes",
+        id="no-routes",
+    ),
+    pytest.param(
         MAIN.replace("routes/*.yaml", "rotues/*.yaml"),
         ROUTES,
         "resilgate.yaml",
@@ -154,7 +183,7 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize(("main", "routes", "file", "line", "field", "reason"), BAD_CONFIGS)
 def test_bad_config_names_file_line_field_and_exits_2(
-    tmp_path: Path, main: str, routes: str, file: str, line: int, field: str, reason: str
+    tmp_path: Path, main: str, routes: str, file: str, line: int | None, field: str, reason: str
 ) -> None:
     config = write_tree(tmp_path, main, routes)
     with pytest.raises(ConfigError) as caught:
@@ -167,7 +196,7 @@ def test_bad_config_names_file_line_field_and_exits_2(
 
     result = run_check(config)
     assert result.returncode == 2
-    expected = f"{file}:{line}: {field + ': ' if field else ''}"
+    expected = f"{file}{f':{line}' if line else ''}: {field + ': ' if field else ''}"
     assert expected in result.stderr, result.stderr
     assert result.stdout == ""
 
@@ -177,6 +206,26 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(write_tree(tmp_path, MAIN, routes))
     assert [p.field for p in caught.value.problems] == ["routes[0].upstream", "routes[1].upstream"]
+
+
+def test_problems_in_several_files_are_reported_together(tmp_path: Path) -> None:
+    main = MAIN.replace("priority: 0", "priority: -1")
+    routes = ROUTES.replace("methods: [GET]", "methods: [FETCH]")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_tree(tmp_path, main, routes))
+    found = {(Path(p.file).name, p.line, p.field) for p in caught.value.problems}
+    assert found == {
+        ("his.yaml", 6, "routes[0].match.methods[0]"),
+        ("resilgate.yaml", 8, "upstreams.his.endpoints[0].priority"),
+    }
+
+
+def test_non_utf8_file_is_reported(tmp_path: Path) -> None:
+    config = write_tree(tmp_path)
+    (tmp_path / "routes" / "his.yaml").write_bytes("# 挂号\n".encode("gb18030") + b"routes: []\n")
+    result = run_check(config)
+    assert result.returncode == 2
+    assert "his.yaml: not UTF-8 text" in result.stderr
 
 
 def test_missing_file_is_reported(tmp_path: Path) -> None:

@@ -45,8 +45,9 @@ def test_method_host_and_exact_path() -> None:
 
 
 def test_body_field_selects_route() -> None:
-    assert TABLE.body_cap("POST", "h", "/fsi/api/callService") == 64 * 1024
-    assert TABLE.body_cap("GET", "h", "/fhir/Patient/1") is None
+    body_route = TABLE.body_route("POST", "h", "/fsi/api/callService")
+    assert body_route is not None and body_route.name == "settle"
+    assert TABLE.body_route("GET", "h", "/fhir/Patient/1") is None
     settle = TABLE.match("POST", "h", "/fsi/api/callService", {"infno": "2207"})
     trial = TABLE.match("POST", "h", "/fsi/api/callService", {"infno": "2206"})
     numeric = TABLE.match("POST", "h", "/fsi/api/callService", {"infno": 2208})
@@ -63,7 +64,7 @@ def test_body_not_needed_when_a_plain_route_matches_first() -> None:
             route("by-body", path="/x", body={"field": "a", "values": ["1"]}),
         ]
     )
-    assert table.body_cap("POST", "h", "/x") is None
+    assert table.body_route("POST", "h", "/x") is None
 
 
 def test_host_without_port() -> None:
