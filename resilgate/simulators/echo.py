@@ -3,7 +3,8 @@
 It reports exactly what reached it (method, raw target, every header, a checksum of the body)
 and produces the awkward responses a proxy must pass through untouched: large streamed
 bodies, bodies cut short, gzip, repeated ``Set-Cookie``, redirects, bodiless statuses,
-hop-by-hop headers and slow answers. Faults and ``/_sim/stats`` come from :mod:`resilgate.simulators.faults`.
+hop-by-hop headers and slow answers. Faults and ``/_sim/stats`` come from
+:mod:`resilgate.simulators.faults`.
 """
 
 from __future__ import annotations
