@@ -156,7 +156,8 @@ class Supervisor:
         self._restart_delay = 0.0
 
     def __repr__(self) -> str:
-        alive = sum(worker.is_alive() for worker in self.workers)
+        # exitcode, not is_alive(): a forked child may render this (is_alive asserts parenthood)
+        alive = sum(worker.exitcode is None for worker in self.workers)
         return f"<Supervisor {alive}/{self.count} workers alive stopping={self._stopping}>"
 
     def _start_worker(self, port: int) -> ForkProcess:

@@ -49,7 +49,16 @@ async def serve_simulator(
     options: SimulatorOptions, host: str, port: int, ready_file: Path | None
 ) -> None:
     """Serve one simulator until SIGTERM or SIGINT."""
-    runner = web.AppRunner(build_app(options), access_log=None, shutdown_timeout=2.0)
+    # Long FHIR searches are legal; a handler stops when its client leaves, so /_sim/stats
+    # counts only requests somebody still waits for.
+    runner = web.AppRunner(
+        build_app(options),
+        access_log=None,
+        shutdown_timeout=2.0,
+        handler_cancellation=True,
+        max_line_size=65536,
+        max_field_size=65536,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
