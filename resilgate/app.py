@@ -13,8 +13,8 @@ from aiohttp.typedefs import Handler
 from resilgate.config import Config
 from resilgate.errors import ClientGone, GatewayError
 from resilgate.headers import REQUEST_ID as REQUEST_ID_HEADER
-from resilgate.headers import request_id_from
-from resilgate.logs import get_logger
+from resilgate.headers import RequestIds
+from resilgate.logs import LOG_STREAM, get_logger
 from resilgate.proxy import (
     GATEWAY,
     OUTCOME,
@@ -28,6 +28,7 @@ from resilgate.proxy import (
 from resilgate.upstream import new_session
 
 log = get_logger("resilgate.access")
+REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 
 
 def _error_response(status: int, body: dict[str, str | int], request_id: str) -> web.Response:
@@ -45,12 +46,12 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         return await handler(request)
     except GatewayError as exc:
-        request_id = request.get(REQUEST_ID) or request_id_from(None)
+        request_id = request.get(REQUEST_ID) or request.app[REQUEST_IDS](None)
         return _error_response(exc.status, exc.body(request_id), request_id)
     except web.HTTPException:
         raise
     except Exception:
-        request_id = request.get(REQUEST_ID) or request_id_from(None)
+        request_id = request.get(REQUEST_ID) or request.app[REQUEST_IDS](None)
         log.exception("unhandled_error", request_id=request_id)
         body: dict[str, str | int] = {"error": "internal_error", "request_id": request_id}
         return _error_response(500, body, request_id)
@@ -59,7 +60,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 @web.middleware
 async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Take the client's ``X-Request-ID`` or make one; it goes upstream and comes back."""
-    request[REQUEST_ID] = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+    request[REQUEST_ID] = request.app[REQUEST_IDS](request.headers.get(REQUEST_ID_HEADER))
     response = await handler(request)
     if not response.prepared:
         response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
@@ -102,6 +103,7 @@ def build_app(config: Config) -> web.Application:
     """The public listener's application for one worker."""
     app = web.Application(middlewares=[errors_as_json, request_id, access_log])
     app[GATEWAY] = Gateway.from_config(config)
+    app[REQUEST_IDS] = RequestIds()
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         gateway = app[GATEWAY]
@@ -109,6 +111,21 @@ def build_app(config: Config) -> web.Application:
         yield
         await gateway.session.close()
 
+    async def flush_logs(app: web.Application) -> AsyncIterator[None]:
+        LOG_STREAM.deferred = True
+
+        async def flusher() -> None:
+            while True:
+                await asyncio.sleep(LOG_STREAM.FLUSH_INTERVAL_S)
+                LOG_STREAM.flush_now()
+
+        task = asyncio.get_running_loop().create_task(flusher())
+        yield
+        task.cancel()
+        LOG_STREAM.deferred = False
+        LOG_STREAM.flush_now()
+
+    app.cleanup_ctx.append(flush_logs)
     app.cleanup_ctx.append(client_session)
     app.router.add_route("*", "/{tail:.*}", proxy_request, expect_handler=defer_expect)
     return app

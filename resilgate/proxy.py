@@ -38,6 +38,8 @@ SERVED_BY = web.RequestKey("served_by", str)
 # mid-body), "client_gone" (the client left first), or an upstream failure's cause.
 OUTCOME = web.RequestKey("outcome", str)
 _BODY = web.RequestKey("buffered_body", bytes)
+# Answers up to this size are read whole and sent in one write; larger ones stream.
+SMALL_BODY_BYTES = 64 * 1024
 
 
 @dataclass
@@ -202,12 +204,20 @@ async def _forward(
             allow_redirects=False,
             timeout=gateway.timeouts[route.name],
         ) as upstream:
-            response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=client_response_headers(upstream.raw_headers, request_id, endpoint.label),
-            )
+            headers = client_response_headers(upstream.raw_headers, request_id, endpoint.label)
             request[SERVED_BY] = endpoint.label
+            length = upstream.content_length
+            if length and length <= SMALL_BODY_BYTES and request.method != hdrs.METH_HEAD:
+                # Small answers go out in one write; a failure while reading is still a
+                # clean 502, not a truncated answer.
+                small = web.Response(
+                    status=upstream.status, reason=upstream.reason, headers=headers
+                )
+                small.body = await upstream.read()
+                return small
+            response = web.StreamResponse(
+                status=upstream.status, reason=upstream.reason, headers=headers
+            )
             await _to_client(request, response.prepare(request))
             while chunk := await upstream.content.readany():
                 await _to_client(request, response.write(chunk))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from resilgate.headers import (
+    RequestIds,
     client_response_headers,
     end_to_end,
-    request_id_from,
     upstream_request_headers,
 )
 
@@ -52,7 +52,10 @@ def test_response_names_who_served_and_never_trusts_upstream_copies() -> None:
 
 
 def test_request_id_kept_when_sane_else_generated() -> None:
+    request_id_from = RequestIds()
     assert request_id_from("abc-123") == "abc-123"
-    for bad in (None, "", "x" * 129, "has space", "new\nline"):
-        generated = request_id_from(bad)
-        assert len(generated) == 32 and generated != bad
+    generated = [request_id_from(bad) for bad in (None, "", "x" * 129, "has space", "new\nline")]
+    assert all(len(value) == 32 for value in generated)
+    assert len(set(generated)) == len(generated)
+    other_worker = RequestIds()
+    assert other_worker(None) not in generated
