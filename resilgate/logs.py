@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import BinaryIO
 
 import orjson
 import structlog
@@ -22,6 +23,33 @@ class _NoRequestDetails(logging.Filter):
         return True
 
 
+class LogStream:
+    """stdout for log lines, flushed by ``flush_now`` rather than after every line.
+
+    A worker flushes every ``FLUSH_INTERVAL_S`` and when it stops, which takes a write
+    syscall per request off the hot path; a line waits at most that long to appear.
+    """
+
+    FLUSH_INTERVAL_S = 0.2
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self.deferred = False
+
+    def write(self, data: bytes) -> int:
+        return self._stream.write(data)
+
+    def flush(self) -> None:
+        if not self.deferred:
+            self._stream.flush()
+
+    def flush_now(self) -> None:
+        self._stream.flush()
+
+
+LOG_STREAM = LogStream(sys.stdout.buffer)
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     shared: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
@@ -35,7 +63,7 @@ def configure_logging(level: int = logging.INFO) -> None:
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+        logger_factory=structlog.BytesLoggerFactory(LOG_STREAM),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     # Libraries log through the standard library: same JSON lines, same stream.
