@@ -62,3 +62,22 @@ async def test_demo_serves_every_system_and_stops_cleanly(spawn: Spawner, tmp_pa
     demo.signal(signal.SIGTERM)
     assert demo.proc.wait(timeout=30) == 0
     wait_until(lambda: not any(alive(pid) for pid in simulator_pids), 10, "simulators to stop")
+
+
+def test_killed_demo_takes_its_simulators_along(spawn: Spawner, tmp_path: Path) -> None:
+    shutil.copy(REPO / "resilgate.yaml", tmp_path / "resilgate.yaml")
+    shutil.copytree(REPO / "routes", tmp_path / "routes")
+    demo = spawn.start(
+        "demo",
+        ["demo", "--config", str(tmp_path / "resilgate.yaml"), "--ephemeral", "--workers", "1"],
+        timeout=60,
+    )
+    simulator_pids = [
+        orjson.loads(ready.read_bytes())["pid"]
+        for ready in (tmp_path / "var" / "demo").glob("*.ready.json")
+        if not ready.name.startswith("gateway")
+    ]
+    assert len(simulator_pids) == 6
+    demo.signal(signal.SIGKILL)
+    # the next `make run` must find the ports free again
+    wait_until(lambda: not any(alive(pid) for pid in simulator_pids), 10, "simulators to stop")
