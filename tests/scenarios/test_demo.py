@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from tests.conftest import REPO, Spawner, wait_until
+from tests.conftest import REPO, ServerProcess, Spawner, wait_until
 
 
 def alive(pid: int) -> bool:
@@ -20,7 +20,8 @@ def alive(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
-async def test_demo_serves_every_system_and_stops_cleanly(spawn: Spawner, tmp_path: Path) -> None:
+def start_demo(spawn: Spawner, tmp_path: Path) -> tuple[ServerProcess, list[int]]:
+    """The shipped example config, run by `resilgate demo` on free ports."""
     shutil.copy(REPO / "resilgate.yaml", tmp_path / "resilgate.yaml")
     shutil.copytree(REPO / "routes", tmp_path / "routes")
     demo = spawn.start(
@@ -28,6 +29,17 @@ async def test_demo_serves_every_system_and_stops_cleanly(spawn: Spawner, tmp_pa
         ["demo", "--config", str(tmp_path / "resilgate.yaml"), "--ephemeral", "--workers", "1"],
         timeout=60,
     )
+    simulator_pids = [
+        orjson.loads(ready.read_bytes())["pid"]
+        for ready in (tmp_path / "var" / "demo").glob("*.ready.json")
+        if not ready.name.startswith("gateway")
+    ]
+    assert len(simulator_pids) == 6
+    return demo, simulator_pids
+
+
+async def test_demo_serves_every_system_and_stops_cleanly(spawn: Spawner, tmp_path: Path) -> None:
+    demo, simulator_pids = start_demo(spawn, tmp_path)
     envelope = {
         "infno": "1101",
         "msgid": "H31010400001202503200912000001",
@@ -53,31 +65,13 @@ async def test_demo_serves_every_system_and_stops_cleanly(spawn: Spawner, tmp_pa
             assert resp.headers["X-Resilgate-Upstream"] == "insurance/primary"
             assert (await resp.json(content_type=None))["infcode"] == "0"
 
-    simulator_pids = [
-        orjson.loads(ready.read_bytes())["pid"]
-        for ready in (tmp_path / "var" / "demo").glob("*.ready.json")
-        if not ready.name.startswith("gateway")
-    ]
-    assert len(simulator_pids) == 6
     demo.signal(signal.SIGTERM)
     assert demo.proc.wait(timeout=30) == 0
     wait_until(lambda: not any(alive(pid) for pid in simulator_pids), 10, "simulators to stop")
 
 
 def test_killed_demo_takes_its_simulators_along(spawn: Spawner, tmp_path: Path) -> None:
-    shutil.copy(REPO / "resilgate.yaml", tmp_path / "resilgate.yaml")
-    shutil.copytree(REPO / "routes", tmp_path / "routes")
-    demo = spawn.start(
-        "demo",
-        ["demo", "--config", str(tmp_path / "resilgate.yaml"), "--ephemeral", "--workers", "1"],
-        timeout=60,
-    )
-    simulator_pids = [
-        orjson.loads(ready.read_bytes())["pid"]
-        for ready in (tmp_path / "var" / "demo").glob("*.ready.json")
-        if not ready.name.startswith("gateway")
-    ]
-    assert len(simulator_pids) == 6
+    demo, simulator_pids = start_demo(spawn, tmp_path)
     demo.signal(signal.SIGKILL)
     # the next `make run` must find the ports free again
     wait_until(lambda: not any(alive(pid) for pid in simulator_pids), 10, "simulators to stop")
