@@ -204,19 +204,21 @@ async def _forward(
             allow_redirects=False,
             timeout=gateway.timeouts[route.name],
         ) as upstream:
-            headers = client_response_headers(upstream.raw_headers, request_id, endpoint.label)
+            answer_headers = client_response_headers(
+                upstream.raw_headers, request_id, endpoint.label
+            )
             request[SERVED_BY] = endpoint.label
             length = upstream.content_length
             if length and length <= SMALL_BODY_BYTES and request.method != hdrs.METH_HEAD:
                 # Small answers go out in one write; a failure while reading is still a
                 # clean 502, not a truncated answer.
                 small = web.Response(
-                    status=upstream.status, reason=upstream.reason, headers=headers
+                    status=upstream.status, reason=upstream.reason, headers=answer_headers
                 )
                 small.body = await upstream.read()
                 return small
             response = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=headers
+                status=upstream.status, reason=upstream.reason, headers=answer_headers
             )
             await _to_client(request, response.prepare(request))
             while chunk := await upstream.content.readany():
