@@ -1,0 +1,141 @@
+"""In-process state: for unit tests only (one process, nothing survives it)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from resilgate.state.records import (
+    FINISHED,
+    AuditRecord,
+    ForcedMode,
+    JournalEntry,
+    JournalState,
+    Verdict,
+)
+from resilgate.state.store import DuplicateTicket, StateStore
+
+
+class MemoryStore(StateStore):
+    backend = "memory"
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._modes: dict[str, ForcedMode] = {}
+        self._verdicts: dict[tuple[str, str], Verdict] = {}
+        self._counters: dict[str, int] = {}
+        self._cache: dict[str, tuple[bytes, float]] = {}
+        self._journal: dict[str, JournalEntry] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._finished_at: dict[str, float] = {}
+        self._audit: list[AuditRecord] = []
+        self._seq = 0
+        self._changed = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore {len(self._modes)} modes, {len(self._journal)} journal entries>"
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def ping(self) -> None:
+        pass
+
+    async def put_mode(self, mode: ForcedMode) -> None:
+        self._modes[mode.target] = mode
+        self._changed.set()
+
+    async def delete_mode(self, target: str) -> None:
+        self._modes.pop(target, None)
+        self._changed.set()
+
+    async def load_modes(self) -> dict[str, ForcedMode]:
+        return dict(self._modes)
+
+    async def put_verdict(self, verdict: Verdict) -> None:
+        self._verdicts[verdict.endpoint, verdict.replica] = verdict
+        self._changed.set()
+
+    async def load_verdicts(self) -> list[Verdict]:
+        return list(self._verdicts.values())
+
+    async def wait_for_change(self, within_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._changed.wait(), within_s)
+        except TimeoutError:
+            return False
+        self._changed.clear()
+        return True
+
+    async def take_block(self, scope: str, size: int) -> int:
+        first = self._counters.get(scope, 0) + 1
+        self._counters[scope] = first + size - 1
+        return first
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._cache[key] = (value, self._clock() + ttl_s)
+
+    async def cache_get(self, key: str) -> bytes | None:
+        found = self._cache.get(key)
+        if found is None or found[1] <= self._clock():
+            return None
+        return found[0]
+
+    async def journal_append(self, entry: JournalEntry) -> JournalEntry:
+        if entry.ticket in self._journal:
+            raise DuplicateTicket(entry.ticket)
+        self._seq += 1
+        stored = replace(entry, seq=self._seq)
+        self._journal[entry.ticket] = stored
+        return stored
+
+    async def journal_get(self, ticket: str) -> JournalEntry | None:
+        return self._journal.get(ticket)
+
+    async def journal_list(
+        self, states: frozenset[str] | None = None, limit: int = 1000
+    ) -> list[JournalEntry]:
+        entries = sorted(self._journal.values(), key=lambda entry: entry.seq)
+        return [e for e in entries if states is None or e.state in states][:limit]
+
+    async def journal_claim(self, owner: str, limit: int, lease_s: float) -> list[JournalEntry]:
+        now = self._clock()
+        claimed: list[JournalEntry] = []
+        for entry in await self.journal_list(frozenset({"accepted", "replaying"})):
+            holder = self._leases.get(entry.ticket)
+            if holder is not None and holder[0] != owner and holder[1] > now:
+                continue
+            self._leases[entry.ticket] = (owner, now + lease_s)
+            claimed.append(entry)
+            if len(claimed) == limit:
+                break
+        return claimed
+
+    async def journal_finish(self, ticket: str, state: JournalState, detail: str) -> None:
+        entry = self._journal.get(ticket)
+        if entry is None:
+            raise KeyError(ticket)
+        self._journal[ticket] = replace(entry, state=state, detail=detail)
+        self._leases.pop(ticket, None)
+        if state in FINISHED:
+            self._finished_at[ticket] = self._clock()
+
+    async def audit_append(self, record: AuditRecord) -> None:
+        self._audit.append(record)
+
+    async def audit_list(self, limit: int = 100) -> list[AuditRecord]:
+        return list(reversed(self._audit))[:limit]
+
+    async def trim(self, now: float, audit_keep_s: float, journal_keep_s: float) -> int:
+        before = len(self._audit) + len(self._journal) + len(self._cache)
+        self._audit = [r for r in self._audit if r.at >= now - audit_keep_s]
+        for ticket, finished in list(self._finished_at.items()):
+            if finished < now - journal_keep_s:
+                del self._journal[ticket], self._finished_at[ticket]
+        self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
+        return before - (len(self._audit) + len(self._journal) + len(self._cache))

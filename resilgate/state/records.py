@@ -1,0 +1,99 @@
+"""What the state store keeps, as plain frozen records."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import orjson
+
+ModeName = Literal["auto", "primary", "dr", "fallback", "maintenance"]
+BreakerState = Literal["closed", "open", "half_open"]
+JournalState = Literal["accepted", "replaying", "applied", "duplicate", "conflict", "failed"]
+FINISHED: frozenset[str] = frozenset({"applied", "duplicate", "conflict", "failed"})
+
+
+@dataclass(frozen=True, slots=True)
+class ForcedMode:
+    """An ops decision about an upstream or a route, with who, why and until when."""
+
+    target: str
+    mode: ModeName
+    reason: str
+    actor: str
+    set_at: float
+    expires_at: float | None = None
+
+    def active(self, now: float) -> bool:
+        return self.expires_at is None or now < self.expires_at
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ForcedMode:
+        return cls(**orjson.loads(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One replica's breaker state for one endpoint (``upstream/endpoint``)."""
+
+    endpoint: str
+    replica: str
+    state: BreakerState
+    at: float
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Verdict:
+        return cls(**orjson.loads(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """A write accepted while its upstream could not take it; replayed later, exactly once.
+
+    ``payload`` is opaque to the store (the journal fallback decides its shape); ``seq`` is the
+    store's acceptance order, assigned on append.
+    """
+
+    ticket: str
+    route: str
+    payload: bytes
+    created_at: float
+    state: JournalState = "accepted"
+    detail: str = ""
+    seq: int = 0
+
+    def to_json(self) -> bytes:
+        fields: dict[str, Any] = asdict(self)
+        fields["payload"] = self.payload.decode("latin-1")
+        return orjson.dumps(fields)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> JournalEntry:
+        fields = orjson.loads(raw)
+        fields["payload"] = fields["payload"].encode("latin-1")
+        return cls(**fields)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """Who changed what, when and why."""
+
+    at: float
+    actor: str
+    action: str
+    target: str
+    reason: str
+    detail: str = ""
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> AuditRecord:
+        return cls(**orjson.loads(raw))

@@ -1,0 +1,112 @@
+"""The one interface every state backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from resilgate.state.records import AuditRecord, ForcedMode, JournalEntry, JournalState, Verdict
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or answered too slowly; the caller keeps local state."""
+
+
+class DuplicateTicket(Exception):
+    """A journal entry with this ticket is already stored; it was not added again."""
+
+
+class StateStore(ABC):
+    """Shared state of all workers (and, with Redis, all replicas).
+
+    Every method may raise :class:`StoreUnavailable`. A method that returns has done its
+    work durably as far as the backend allows (``journal_append`` above all).
+    """
+
+    backend: str = "abstract"
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and create what is missing; raise StoreUnavailable if unreachable."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers now."""
+
+    # Forced modes and breaker verdicts: small, read whole by every worker, announced.
+
+    @abstractmethod
+    async def put_mode(self, mode: ForcedMode) -> None: ...
+
+    @abstractmethod
+    async def delete_mode(self, target: str) -> None: ...
+
+    @abstractmethod
+    async def load_modes(self) -> dict[str, ForcedMode]: ...
+
+    @abstractmethod
+    async def put_verdict(self, verdict: Verdict) -> None: ...
+
+    @abstractmethod
+    async def load_verdicts(self) -> list[Verdict]: ...
+
+    @abstractmethod
+    async def wait_for_change(self, within_s: float) -> bool:
+        """Wait up to ``within_s`` seconds for a mode or verdict change anywhere; True if one may
+        have happened (a spurious True is allowed, a missed change is not)."""
+
+    # Counters: never the same number twice, across workers, replicas and restarts.
+
+    @abstractmethod
+    async def take_block(self, scope: str, size: int) -> int:
+        """Reserve ``size`` consecutive numbers of ``scope``; return the first (from 1)."""
+
+    # Record cache: opaque bytes under a key, each with a time to live.
+
+    @abstractmethod
+    async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+    @abstractmethod
+    async def cache_get(self, key: str) -> bytes | None: ...
+
+    # Write journal: appended durably, read in acceptance order, finished exactly once.
+
+    @abstractmethod
+    async def journal_append(self, entry: JournalEntry) -> JournalEntry:
+        """Store ``entry`` durably; return it with its ``seq``. DuplicateTicket if present."""
+
+    @abstractmethod
+    async def journal_get(self, ticket: str) -> JournalEntry | None: ...
+
+    @abstractmethod
+    async def journal_list(
+        self, states: frozenset[str] | None = None, limit: int = 1000
+    ) -> list[JournalEntry]:
+        """Entries in acceptance order, optionally only those in ``states``."""
+
+    @abstractmethod
+    async def journal_claim(self, owner: str, limit: int, lease_s: float) -> list[JournalEntry]:
+        """Take up to ``limit`` unfinished entries, oldest first, for ``lease_s`` seconds; an
+        entry claimed by one owner is not handed to another until its lease runs out."""
+
+    @abstractmethod
+    async def journal_finish(self, ticket: str, state: JournalState, detail: str) -> None:
+        """Record how an entry ended (or went back to ``accepted`` to be retried)."""
+
+    # Audit log.
+
+    @abstractmethod
+    async def audit_append(self, record: AuditRecord) -> None: ...
+
+    @abstractmethod
+    async def audit_list(self, limit: int = 100) -> list[AuditRecord]:
+        """Newest first."""
+
+    # Retention.
+
+    @abstractmethod
+    async def trim(self, now: float, audit_keep_s: float, journal_keep_s: float) -> int:
+        """Drop audit records and finished journal entries older than their retention, and
+        expired cache entries; return how many records went."""
