@@ -1,0 +1,174 @@
+"""One behavioural suite for every state backend: memory, SQLite, and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from resilgate.state.records import AuditRecord, ForcedMode, JournalEntry, Verdict
+from resilgate.state.store import DuplicateTicket, StateStore
+
+
+class FakeClock:
+    """Wall-clock time that tests can move forward (for expiry and retention)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+async def open_backend(backend: str, tmp_path: Path, clock: Callable[[], float]) -> StateStore:
+    if backend == "memory":
+        from resilgate.state.memory import MemoryStore
+
+        return MemoryStore(clock=clock)
+    if backend == "sqlite":
+        from resilgate.state.sqlite import SqliteStore
+
+        return SqliteStore(tmp_path / "state.db", clock=clock)
+    from resilgate.state.redis import RedisStore
+
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    store = RedisStore(server.url, spool_path=tmp_path / "spool.db", clock=clock)
+    store.test_server = server  # type: ignore[attr-defined]
+    return store
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> AsyncIterator[StateStore]:
+    backend = await open_backend(request.param, tmp_path, clock)
+    await backend.open()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+        server = getattr(backend, "test_server", None)
+        if server is not None:
+            server.stop()
+
+
+def mode(target: str = "his", name: str = "dr", expires_at: float | None = None) -> ForcedMode:
+    return ForcedMode(target, name, "primary DC power work", "ops:li", time.time(), expires_at)  # type: ignore[arg-type]
+
+
+def entry(ticket: str, created_at: float = 0.0) -> JournalEntry:
+    return JournalEntry(
+        ticket, "his-orders-write", b'{"resourceType":"MedicationRequest"}', created_at
+    )
+
+
+async def test_modes_round_trip_and_are_announced(store: StateStore) -> None:
+    await store.wait_for_change(0.01)  # settle anything announced at open
+    await store.put_mode(mode("his", "dr"))
+    assert await store.wait_for_change(1.0)
+    await store.put_mode(mode("insurance", "fallback"))
+    modes = await store.load_modes()
+    assert {t: m.mode for t, m in modes.items()} == {"his": "dr", "insurance": "fallback"}
+    assert modes["his"].reason == "primary DC power work" and modes["his"].actor == "ops:li"
+    await store.delete_mode("his")
+    assert await store.wait_for_change(1.0)
+    assert set(await store.load_modes()) == {"insurance"}
+
+
+async def test_verdicts_kept_per_replica(store: StateStore) -> None:
+    now = time.time()
+    await store.put_verdict(Verdict("his/primary", "gw-a", "open", now))
+    await store.put_verdict(Verdict("his/primary", "gw-b", "closed", now))
+    await store.put_verdict(Verdict("his/primary", "gw-a", "half_open", now + 1))
+    verdicts = {(v.endpoint, v.replica): v.state for v in await store.load_verdicts()}
+    assert verdicts == {("his/primary", "gw-a"): "half_open", ("his/primary", "gw-b"): "closed"}
+
+
+async def test_counter_blocks_never_overlap(store: StateStore) -> None:
+    blocks = await asyncio.gather(*(store.take_block("NEI:2026-11-24", 10) for _ in range(20)))
+    numbers = [n for first in blocks for n in range(first, first + 10)]
+    assert sorted(numbers) == list(range(1, 201))
+    assert await store.take_block("WAI:2026-11-24", 1) == 1
+
+
+async def test_cache_entries_expire(store: StateStore, clock: FakeClock) -> None:
+    await store.cache_put("u:d-77|p-10086|AllergyIntolerance", b"sealed", ttl_s=60)
+    assert await store.cache_get("u:d-77|p-10086|AllergyIntolerance") == b"sealed"
+    assert await store.cache_get("u:d-78|p-10086|AllergyIntolerance") is None
+    if store.backend != "redis":  # Redis expires on its own clock; TTL is checked below
+        clock.offset = 61
+        assert await store.cache_get("u:d-77|p-10086|AllergyIntolerance") is None
+    else:
+        await store.cache_put("short", b"x", ttl_s=0.05)
+        deadline = time.monotonic() + 2
+        while await store.cache_get("short") is not None:
+            assert time.monotonic() < deadline, "cache entry never expired"
+            await asyncio.sleep(0.01)
+
+
+async def test_journal_keeps_acceptance_order_and_refuses_duplicates(store: StateStore) -> None:
+    stored = [await store.journal_append(entry(f"J-{n:03d}")) for n in range(5)]
+    assert [e.seq for e in stored] == sorted(e.seq for e in stored)
+    assert len({e.seq for e in stored}) == 5
+    with pytest.raises(DuplicateTicket):
+        await store.journal_append(entry("J-002"))
+    listed = await store.journal_list()
+    assert [e.ticket for e in listed] == [f"J-{n:03d}" for n in range(5)]
+    got = await store.journal_get("J-003")
+    assert got is not None and got.payload == entry("J-003").payload
+    assert await store.journal_get("J-999") is None
+
+
+async def test_journal_claims_are_exclusive_until_the_lease_ends(
+    store: StateStore, clock: FakeClock
+) -> None:
+    for n in range(4):
+        await store.journal_append(entry(f"J-{n}"))
+    first = await store.journal_claim("gw-a", limit=3, lease_s=30)
+    assert [e.ticket for e in first] == ["J-0", "J-1", "J-2"]
+    second = await store.journal_claim("gw-b", limit=3, lease_s=30)
+    assert [e.ticket for e in second] == ["J-3"]
+    await store.journal_finish("J-0", "applied", "201 Created")
+    await store.journal_finish("J-1", "accepted", "503, will retry")  # released, not finished
+    third = await store.journal_claim("gw-b", limit=5, lease_s=30)
+    assert [e.ticket for e in third] == ["J-1", "J-3"]
+    if store.backend != "redis":
+        clock.offset = 31  # gw-a's lease on J-2 ran out
+        fourth = await store.journal_claim("gw-b", limit=5, lease_s=30)
+        assert "J-2" in [e.ticket for e in fourth]
+    done = await store.journal_get("J-0")
+    assert done is not None and (done.state, done.detail) == ("applied", "201 Created")
+    unfinished = await store.journal_list(frozenset({"accepted", "replaying"}))
+    assert "J-0" not in [e.ticket for e in unfinished]
+
+
+async def test_audit_newest_first(store: StateStore) -> None:
+    for n in range(3):
+        await store.audit_append(
+            AuditRecord(time.time() + n, "ops:li", "mode.set", f"t{n}", "drill")
+        )
+    assert [r.target for r in await store.audit_list(limit=2)] == ["t2", "t1"]
+
+
+async def test_trim_keeps_unfinished_journal_entries(store: StateStore) -> None:
+    now = time.time()
+    await store.audit_append(AuditRecord(now - 100, "ops", "mode.set", "old", "r"))
+    await store.audit_append(AuditRecord(now, "ops", "mode.set", "new", "r"))
+    await store.journal_append(entry("J-open", now - 100))
+    await store.journal_append(entry("J-done", now - 100))
+    await store.journal_finish("J-done", "applied", "")
+    removed = await store.trim(now + 60, audit_keep_s=100, journal_keep_s=50)
+    assert removed >= 2
+    assert [r.target for r in await store.audit_list()] == ["new"]
+    assert [e.ticket for e in await store.journal_list()] == ["J-open"]
