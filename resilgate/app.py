@@ -25,6 +25,9 @@ from resilgate.proxy import (
     defer_expect,
     proxy_request,
 )
+from resilgate.state.factory import make_store
+from resilgate.state.store import StoreUnavailable
+from resilgate.state.view import StateView, trim_forever
 from resilgate.upstream import new_session
 
 log = get_logger("resilgate.access")
@@ -99,6 +102,42 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
         )
 
 
+class StartupError(Exception):
+    """The gateway cannot start; the message says what to fix."""
+
+
+async def shared_state(app: web.Application) -> AsyncIterator[None]:
+    """Open the state store and keep this worker's view of it fresh in the background."""
+    config = app[GATEWAY].config
+    store = make_store(config)
+    try:
+        await store.open()
+    except StoreUnavailable as exc:
+        raise StartupError(f"state ({config.state.backend}): {exc}") from exc
+    warning = await store.durability_warning()
+    if warning:
+        log.warning("state_store_not_durable", backend=store.backend, detail=warning)
+    view = StateView(store, refresh_s=config.state.refresh_s)
+    app[GATEWAY].state = view
+    day = 86400.0
+    tasks = [
+        asyncio.create_task(view.run()),
+        asyncio.create_task(
+            trim_forever(
+                store,
+                config.state.trim_interval_s,
+                config.state.audit_retention_days * day,
+                config.state.journal_retention_days * day,
+            )
+        ),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await store.close()
+
+
 def build_app(config: Config) -> web.Application:
     """The public listener's application for one worker."""
     app = web.Application(middlewares=[errors_as_json, request_id, access_log])
@@ -126,6 +165,7 @@ def build_app(config: Config) -> web.Application:
         LOG_STREAM.flush_now()
 
     app.cleanup_ctx.append(flush_logs)
+    app.cleanup_ctx.append(shared_state)
     app.cleanup_ctx.append(client_session)
     app.router.add_route("*", "/{tail:.*}", proxy_request, expect_handler=defer_expect)
     return app

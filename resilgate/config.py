@@ -52,15 +52,41 @@ class Listeners(_Model):
 
 
 class StateConfig(_Model):
-    """Where shared state lives."""
+    """Where shared state lives: modes, breaker verdicts, counters, cache, journal, audit."""
 
-    backend: Literal["sqlite"] = Field(
-        "sqlite", description="State backend; `sqlite` is the embedded default (one node)."
+    backend: Literal["sqlite", "redis", "memory"] = Field(
+        "sqlite",
+        description="`sqlite`: embedded default, one node; `redis`: many replicas; "
+        "`memory`: unit tests only (nothing shared or kept).",
     )
     path: Path = Field(
         Path("var/resilgate.db"),
         description="SQLite file, relative to the main config file's directory.",
     )
+    redis_url: str | None = Field(
+        None, description="Redis URL (`redis://`, `rediss://` or `unix://`); required for redis."
+    )
+    spool_path: Path = Field(
+        Path("var/journal-spool.db"),
+        description="Local SQLite file for journal entries while Redis is unreachable.",
+    )
+    op_timeout_s: float = Field(
+        0.5, gt=0, description="A Redis operation slower than this counts as the store down."
+    )
+    refresh_s: float = Field(
+        1.0, gt=0, description="Longest time between two reads of modes and verdicts."
+    )
+    audit_retention_days: float = Field(400, gt=0, description="How long audit records are kept.")
+    journal_retention_days: float = Field(
+        30, gt=0, description="How long finished journal entries are kept (unfinished: always)."
+    )
+    trim_interval_s: float = Field(3600, gt=0, description="How often expired records are removed.")
+
+    @model_validator(mode="after")
+    def _redis_has_url(self) -> StateConfig:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("backend redis needs redis_url")
+        return self
 
 
 class Endpoint(_Model):

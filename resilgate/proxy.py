@@ -27,6 +27,7 @@ from resilgate.errors import (
 from resilgate.headers import client_response_headers, upstream_request_headers
 from resilgate.logs import get_logger
 from resilgate.routes import RouteTable, host_without_port
+from resilgate.state.view import StateView
 from resilgate.upstream import Cluster, Endpoint, clusters_from
 
 log = get_logger("resilgate.proxy")
@@ -51,6 +52,7 @@ class Gateway:
     clusters: Mapping[str, Cluster]
     timeouts: Mapping[str, aiohttp.ClientTimeout]
     session: aiohttp.ClientSession | None = field(default=None)
+    state: StateView | None = field(default=None)
 
     @classmethod
     def from_config(cls, config: Config) -> Gateway:

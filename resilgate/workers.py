@@ -27,7 +27,7 @@ from types import FrameType
 import uvloop
 from aiohttp import web
 
-from resilgate.app import build_app
+from resilgate.app import StartupError, build_app
 from resilgate.config import Config
 from resilgate.logs import configure_logging, get_logger
 from resilgate.readyfile import write_ready_file
@@ -38,7 +38,7 @@ START_DEADLINE_S = 30.0
 MAX_RESTART_DELAY_S = 30.0
 
 
-class ListenError(Exception):
+class ListenError(StartupError):
     """The public listener cannot be opened; the message says which address and why."""
 
 
@@ -114,8 +114,8 @@ def _worker_main(config: Config, port: int, ready: Connection) -> None:
     die_with_parent()  # if the supervisor is killed outright, drain instead of lingering
     try:
         uvloop.run(run_worker(config, port, lambda _port: ready.send(os.getpid()), True))
-    except ListenError as exc:
-        log.error("cannot_listen", reason=str(exc))
+    except StartupError as exc:
+        log.error("cannot_start", reason=str(exc))
         sys.exit(1)
 
 
@@ -261,6 +261,6 @@ def serve(config: Config, workers: int | None = None, ready_file: Path | None = 
             uvloop.run(run_worker(config, config.listeners.public.port, announce, False))
             return 0
         return Supervisor(config, count, ready_file).run()
-    except ListenError as exc:
+    except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -35,6 +35,10 @@ class StateStore(ABC):
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers now."""
 
+    async def durability_warning(self) -> str | None:
+        """Why an acknowledged journal write could be lost with this store, or None."""
+        return None
+
     # Forced modes and breaker verdicts: small, read whole by every worker, announced.
 
     @abstractmethod
