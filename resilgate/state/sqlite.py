@@ -1,0 +1,331 @@
+"""The embedded default: one SQLite file in WAL mode, shared by every worker process of a node.
+
+Each process opens its own connection, in autocommit mode. Every write is one SQL statement and
+so one transaction of its own: atomic across processes, and with no transaction left open on
+the connection, no other coroutine's statement can slip into one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import astuple, replace
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from resilgate.state.records import (
+    FINISHED,
+    AuditRecord,
+    ForcedMode,
+    JournalEntry,
+    JournalState,
+    Verdict,
+)
+from resilgate.state.store import DuplicateTicket, StateStore, StoreUnavailable
+
+# Triggers bump one shared generation whenever a mode or verdict changes, so a watcher tells
+# those changes from the many other commits (counters, journal) with a single-row read.
+_CHANGE_TRIGGERS = "".join(
+    f"CREATE TRIGGER IF NOT EXISTS {table}_{event.lower()} AFTER {event} ON {table}"
+    " BEGIN UPDATE changes SET generation = generation + 1; END;\n"
+    for table in ("modes", "verdicts")
+    for event in ("INSERT", "UPDATE", "DELETE")
+)
+
+# modes, verdicts and audit list their columns in the record's field order: a row is
+# Record(*row), and astuple(record) fills a row.
+_SCHEMA = f"""
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS changes (generation INTEGER NOT NULL);
+INSERT INTO changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM changes);
+CREATE TABLE IF NOT EXISTS modes (
+    target TEXT PRIMARY KEY, mode TEXT NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL,
+    set_at REAL NOT NULL, expires_at REAL);
+CREATE TABLE IF NOT EXISTS verdicts (
+    endpoint TEXT NOT NULL, replica TEXT NOT NULL, state TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (endpoint, replica));
+CREATE TABLE IF NOT EXISTS counters (scope TEXT PRIMARY KEY, last INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS cache (
+    key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS cache_expiry ON cache (expires_at);
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, ticket TEXT NOT NULL UNIQUE, route TEXT NOT NULL,
+    payload BLOB NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL,
+    created_at REAL NOT NULL, finished_at REAL, lease_owner TEXT, lease_until REAL);
+CREATE INDEX IF NOT EXISTS journal_open ON journal (seq) WHERE state IN ('accepted', 'replaying');
+CREATE INDEX IF NOT EXISTS journal_finished ON journal (finished_at);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
+    action TEXT NOT NULL, target TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+{_CHANGE_TRIGGERS}
+COMMIT;
+"""
+
+# The journal's columns in JournalEntry's field order: a row is _entry(row).
+_JOURNAL_COLUMNS = "ticket, route, payload, created_at, state, detail, seq"
+_SYNCHRONOUS_FULL = 2
+
+
+class SqliteStore(StateStore):
+    """Shared and durable on one node: a write that returned is committed and synced to disk
+    (``synchronous=FULL``), so it survives a killed process and, as far as the disk keeps its
+    promises, a power loss."""
+
+    backend = "sqlite"
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        poll_interval_s: float = 0.05,
+        busy_timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = path
+        self._poll_interval_s = poll_interval_s
+        self._busy_timeout_s = busy_timeout_s
+        self._clock = clock
+        self._db: aiosqlite.Connection | None = None
+        self._settings = ""
+        # PRAGMA data_version moves only on other connections' commits; our own mode and
+        # verdict writes are announced through this event instead.
+        self._changed = asyncio.Event()
+        self._data_version = 0
+        self._generation = 0
+
+    def __repr__(self) -> str:
+        state = f"open, {self._settings}" if self._db is not None else "closed"
+        return f"<SqliteStore {self._path} {state}>"
+
+    async def open(self) -> None:
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = await aiosqlite.connect(
+                self._path, timeout=self._busy_timeout_s, isolation_level=None
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"sqlite {self._path}: cannot open: {exc}") from exc
+        try:
+            await self._configure()
+            await self._create_schema()
+            await self._changed_elsewhere()  # the baseline for wait_for_change
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _configure(self) -> None:
+        """Switch to WAL and full syncs, and refuse to go on unless both are in effect."""
+        journal_mode = await self._switch_to_wal()
+        await self._query("PRAGMA synchronous = FULL")
+        ((synchronous,),) = await self._query("PRAGMA synchronous")
+        if journal_mode != "wal" or synchronous != _SYNCHRONOUS_FULL:
+            raise StoreUnavailable(
+                f"sqlite {self._path}: journal_mode={journal_mode} synchronous={synchronous},"
+                " need wal and 2 (FULL) or acknowledged writes could be lost"
+            )
+        self._settings = f"WAL, synchronous=FULL, busy_timeout={self._busy_timeout_s}s"
+
+    async def _switch_to_wal(self) -> Any:
+        # Turning a new file to WAL takes an exclusive lock, and SQLite answers "locked" at once,
+        # without the busy timeout, to the other processes opening it at the same moment.
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                ((journal_mode,),) = await self._query("PRAGMA journal_mode = WAL")
+                return journal_mode
+            except StoreUnavailable as exc:
+                busy = getattr(exc.__cause__, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                await db.close()
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"sqlite {self._path}: close failed: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._query("SELECT 1")
+
+    async def put_mode(self, mode: ForcedMode) -> None:
+        await self._query("INSERT OR REPLACE INTO modes VALUES (?, ?, ?, ?, ?, ?)", astuple(mode))
+        self._changed.set()
+
+    async def delete_mode(self, target: str) -> None:
+        await self._query("DELETE FROM modes WHERE target = ?", (target,))
+        self._changed.set()
+
+    async def load_modes(self) -> dict[str, ForcedMode]:
+        rows = await self._query("SELECT * FROM modes")
+        return {row[0]: ForcedMode(*row) for row in rows}
+
+    async def put_verdict(self, verdict: Verdict) -> None:
+        await self._query("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)", astuple(verdict))
+        self._changed.set()
+
+    async def load_verdicts(self) -> list[Verdict]:
+        return [Verdict(*row) for row in await self._query("SELECT * FROM verdicts")]
+
+    async def wait_for_change(self, within_s: float) -> bool:
+        """Checks every ``poll_interval_s``; may also answer True after a change of our own
+        that was already reported, never misses one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while not (self._changed.is_set() or await self._changed_elsewhere()):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(self._poll_interval_s, remaining))
+        self._changed.clear()
+        return True
+
+    async def _changed_elsewhere(self) -> bool:
+        """True if the generation moved since last seen; read only after a foreign commit."""
+        ((data_version,),) = await self._query("PRAGMA data_version")
+        if data_version == self._data_version:
+            return False
+        self._data_version = data_version
+        ((generation,),) = await self._query("SELECT generation FROM changes")
+        moved: bool = generation != self._generation
+        self._generation = generation
+        return moved
+
+    async def take_block(self, scope: str, size: int) -> int:
+        ((last,),) = await self._query(
+            "INSERT INTO counters VALUES (?, ?)"
+            " ON CONFLICT (scope) DO UPDATE SET last = last + excluded.last RETURNING last",
+            (scope, size),
+        )
+        first: int = last - size + 1
+        return first
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None:
+        await self._query(
+            "INSERT OR REPLACE INTO cache VALUES (?, ?, ?)", (key, value, self._clock() + ttl_s)
+        )
+
+    async def cache_get(self, key: str) -> bytes | None:
+        rows = await self._query(
+            "SELECT value FROM cache WHERE key = ? AND expires_at > ?", (key, self._clock())
+        )
+        return rows[0][0] if rows else None
+
+    async def journal_append(self, entry: JournalEntry) -> JournalEntry:
+        try:
+            ((seq,),) = await self._query(
+                "INSERT INTO journal (ticket, route, payload, created_at, state, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+                (
+                    entry.ticket,
+                    entry.route,
+                    entry.payload,
+                    entry.created_at,
+                    entry.state,
+                    entry.detail,
+                ),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise DuplicateTicket(entry.ticket) from exc
+        return replace(entry, seq=seq)
+
+    async def journal_get(self, ticket: str) -> JournalEntry | None:
+        rows = await self._query(
+            f"SELECT {_JOURNAL_COLUMNS} FROM journal WHERE ticket = ?", (ticket,)
+        )
+        return _entry(rows[0]) if rows else None
+
+    async def journal_list(
+        self, states: frozenset[str] | None = None, limit: int = 1000
+    ) -> list[JournalEntry]:
+        where, wanted = "", list[str]()
+        if states is not None:
+            where, wanted = f"WHERE state IN ({', '.join('?' * len(states))})", sorted(states)
+        rows = await self._query(
+            f"SELECT {_JOURNAL_COLUMNS} FROM journal {where} ORDER BY seq LIMIT ?",
+            (*wanted, limit),
+        )
+        return [_entry(row) for row in rows]
+
+    async def journal_claim(self, owner: str, limit: int, lease_s: float) -> list[JournalEntry]:
+        now = self._clock()
+        rows = await self._query(
+            "UPDATE journal SET lease_owner = :owner, lease_until = :until WHERE seq IN ("
+            " SELECT seq FROM journal WHERE state IN ('accepted', 'replaying')"
+            " AND (lease_owner IS NULL OR lease_owner = :owner OR lease_until <= :now)"
+            f" ORDER BY seq LIMIT :limit) RETURNING {_JOURNAL_COLUMNS}",
+            {"owner": owner, "until": now + lease_s, "now": now, "limit": limit},
+        )
+        # RETURNING gives rows in no promised order.
+        return sorted((_entry(row) for row in rows), key=lambda entry: entry.seq)
+
+    async def journal_finish(self, ticket: str, state: JournalState, detail: str) -> None:
+        finished_at = self._clock() if state in FINISHED else None
+        rows = await self._query(
+            "UPDATE journal SET state = ?, detail = ?, finished_at = ?,"
+            " lease_owner = NULL, lease_until = NULL WHERE ticket = ? RETURNING seq",
+            (state, detail, finished_at, ticket),
+        )
+        if not rows:
+            raise KeyError(ticket)
+
+    async def audit_append(self, record: AuditRecord) -> None:
+        await self._query(
+            "INSERT INTO audit (at, actor, action, target, reason, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            astuple(record),
+        )
+
+    async def audit_list(self, limit: int = 100) -> list[AuditRecord]:
+        rows = await self._query(
+            "SELECT at, actor, action, target, reason, detail FROM audit ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [AuditRecord(*row) for row in rows]
+
+    async def trim(self, now: float, audit_keep_s: float, journal_keep_s: float) -> int:
+        # Unfinished journal entries have no finished_at, so they are never trimmed.
+        gone = await self._query(
+            "DELETE FROM audit WHERE at < ? RETURNING 1", (now - audit_keep_s,)
+        )
+        gone += await self._query(
+            "DELETE FROM journal WHERE finished_at < ? RETURNING 1", (now - journal_keep_s,)
+        )
+        gone += await self._query("DELETE FROM cache WHERE expires_at <= ? RETURNING 1", (now,))
+        return len(gone)
+
+    async def _query(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> list[sqlite3.Row]:
+        """Run one statement, which in autocommit mode is one transaction; return its rows."""
+        if self._db is None:
+            raise StoreUnavailable(f"sqlite {self._path}: store is not open")
+        try:
+            return list(await self._db.execute_fetchall(sql, params))
+        except sqlite3.IntegrityError:
+            raise  # a constraint is the caller's business (a duplicate ticket), not an outage
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite {self._path}: {exc}") from exc
+
+    async def _create_schema(self) -> None:
+        """Create what is missing in one write transaction; safe when many processes race."""
+        assert self._db is not None
+        try:
+            await self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"sqlite {self._path}: cannot create schema: {exc}") from exc
+
+
+def _entry(row: sqlite3.Row) -> JournalEntry:
+    ticket, route, payload, created_at, state, detail, seq = row
+    # float(): SQLite 3.40's RETURNING hands back a whole-numbered REAL as an integer.
+    return JournalEntry(ticket, route, payload, float(created_at), state, detail, seq)

@@ -1,0 +1,281 @@
+"""What only the SQLite backend promises: real processes sharing one file, durability, WAL.
+
+The behaviour every backend shares is in ``test_store_contract.py``. Here the other workers are
+real processes running this module (see the bottom): each opens the store, prints ``ready``,
+waits for a line on stdin, then prints one line per operation right after it returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from resilgate.state.records import ForcedMode, JournalEntry
+from resilgate.state.sqlite import SqliteStore
+from resilgate.state.store import StoreUnavailable
+from tests.conftest import REPO, wait_until
+
+_SCOPE = "queue:opd"
+_MODE = ForcedMode("his", "dr", "failover drill", "test", 0.0)
+_CHILD = [sys.executable, "-m", "tests.contract.test_sqlite_store"]
+_numbering = itertools.count()
+
+
+class Child:
+    """A worker process using the store; its stdout lines are the operations that returned."""
+
+    def __init__(self, tmp_path: Path, role: str, db: Path, count: int) -> None:
+        name = f"{role}-{next(_numbering)}"
+        self.out = tmp_path / f"{name}.out"
+        self.err = tmp_path / f"{name}.err"
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [*_CHILD, role, str(db), str(count)],
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=err,
+                cwd=REPO,
+            )
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited {self.proc.returncode}: {self.err.read_text()}")
+            return self.out.read_bytes().startswith(b"ready\n")
+
+        wait_until(ready, what=f"{self.out.stem} to open the store")
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.close()
+
+    def lines(self) -> list[str]:
+        """Complete lines after ``ready``: a line cut short by SIGKILL is not counted."""
+        text = self.out.read_text()
+        return text[: text.rfind("\n") + 1].splitlines()[1:]
+
+    def wait_lines(self, count: int) -> None:
+        wait_until(lambda: len(self.lines()) >= count, what=f"{count} lines from {self.out.stem}")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        assert self.proc.wait(10) == -signal.SIGKILL, "it had finished before it was killed"
+
+    def finish(self) -> list[str]:
+        returncode = self.proc.wait(30)
+        assert returncode == 0, f"child exited {returncode}: {self.err.read_text()}"
+        return self.lines()
+
+
+@pytest.fixture
+def children(tmp_path: Path) -> Iterator[list[Child]]:
+    started: list[Child] = []
+    yield started
+    for child in started:
+        if child.proc.poll() is None:
+            child.proc.kill()
+        child.proc.wait(10)
+
+
+def launch(children: list[Child], tmp_path: Path, role: str, count: int = 1) -> Child:
+    child = Child(tmp_path, role, tmp_path / "state.db", count)
+    children.append(child)
+    return child
+
+
+def start(children: list[Child], tmp_path: Path, role: str, count: int = 1) -> Child:
+    child = launch(children, tmp_path, role, count)
+    child.wait_ready()
+    return child
+
+
+def numbers(*ran: Child) -> list[int]:
+    return [int(line) for child in ran for line in child.lines()]
+
+
+async def test_open_waits_while_another_process_holds_a_new_file(tmp_path: Path) -> None:
+    # While one process writes a new (not yet WAL) file, SQLite refuses the switch to WAL at
+    # once, without the busy timeout; a worker starting next to it must wait, not fail.
+    other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE unrelated (x)")
+    store = SqliteStore(tmp_path / "state.db")
+    opening = asyncio.create_task(store.open())
+    try:
+        await asyncio.wait({opening}, timeout=0.3)
+        assert not opening.done(), "open() gave up instead of waiting"
+        other.execute("COMMIT")
+        await opening
+        assert await store.take_block(_SCOPE, 1) == 1
+    finally:
+        other.close()
+        await store.close()
+
+
+def test_many_processes_open_a_new_file_at_once(tmp_path: Path, children: list[Child]) -> None:
+    processes = [launch(children, tmp_path, "take") for _ in range(8)]
+    for child in processes:
+        child.wait_ready()
+        child.go()
+    assert sorted(int(line) for child in processes for line in child.finish()) == list(range(1, 9))
+
+
+def test_two_processes_never_take_the_same_number_also_across_restarts(
+    tmp_path: Path, children: list[Child]
+) -> None:
+    # Both open first, then start at one signal. (How their takes interleave is up to SQLite's
+    # busy handler, which is not fair: now and then one waits until the other is done.)
+    first = [start(children, tmp_path, "take", 1000) for _ in range(2)]
+    for child in first:
+        child.go()
+    for child in first:
+        child.finish()
+    assert sorted(numbers(*first)) == list(range(1, 2001))
+
+    # Both killed with SIGKILL in the middle of taking, then started again.
+    second = [start(children, tmp_path, "take", 100_000) for _ in range(2)]
+    for child in second:
+        child.go()
+    for child in second:
+        child.wait_lines(200)
+        child.kill()
+    again = [start(children, tmp_path, "take", 1000) for _ in range(2)]
+    for child in again:
+        child.go()
+    for child in again:
+        child.finish()
+
+    taken = numbers(*first, *second, *again)
+    print(f"{len(taken)} numbers taken by 6 processes, none twice")
+    assert len(set(taken)) == len(taken) >= 4400
+
+
+def test_acknowledged_journal_entries_survive_sigkill(
+    tmp_path: Path, children: list[Child]
+) -> None:
+    writer = start(children, tmp_path, "append", 1_000_000)
+    writer.go()
+    writer.wait_lines(100)
+    writer.kill()
+    acknowledged = writer.lines()
+
+    async def reopen_and_list() -> list[str]:
+        store = SqliteStore(tmp_path / "state.db")
+        await store.open()
+        try:
+            return [entry.ticket for entry in await store.journal_list(limit=10**6)]
+        finally:
+            await store.close()
+
+    stored = asyncio.run(reopen_and_list())
+    print(f"{len(acknowledged)} acknowledged before SIGKILL, {len(stored)} stored")
+    # Each once and in acceptance order; at most one more, committed but killed before printed.
+    assert stored[: len(acknowledged)] == acknowledged
+    assert len(stored) - len(acknowledged) <= 1
+    assert len(set(stored)) == len(stored)
+
+
+def test_a_mode_put_by_one_process_is_seen_by_another_within_a_second(
+    tmp_path: Path, children: list[Child]
+) -> None:
+    watcher = start(children, tmp_path, "watch")
+    watcher.go()
+    putter = start(children, tmp_path, "put_mode")
+    putter.go()
+    (put_at,), (seen_at,) = putter.finish(), watcher.finish()
+
+    delay = float(seen_at) - float(put_at)
+    print(f"mode seen by the other process {delay * 1000:.1f} ms after it was put")
+    assert 0 < delay < 1.0
+
+
+async def test_wal_and_full_sync_are_in_effect(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "state" / "state.db", busy_timeout_s=2.5)
+    await store.open()
+    try:
+        await store.take_block(_SCOPE, 1)
+        # Per connection, so only the store's own connection can say; open() checked it.
+        assert "WAL, synchronous=FULL, busy_timeout=2.5s" in repr(store)
+        with sqlite3.connect(tmp_path / "state" / "state.db") as other:
+            assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert (tmp_path / "state" / "state.db-wal").exists()
+    finally:
+        await store.close()
+    assert repr(store).endswith("closed>")
+
+
+async def test_failures_surface_as_store_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreUnavailable, match="cannot open"):
+        await SqliteStore(tmp_path / "file" / "state.db").open()
+
+    store = SqliteStore(tmp_path / "state.db", busy_timeout_s=0.1)
+    await store.open()
+    locker = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable, match="database is locked"):
+            await store.take_block(_SCOPE, 1)
+        await store.ping()  # readers go on in WAL mode while a writer holds the lock
+        locker.execute("ROLLBACK")
+        assert await store.take_block(_SCOPE, 1) == 1
+    finally:
+        locker.close()
+        await store.close()
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await store.ping()
+
+
+# The child process side.
+
+
+def _say(line: object) -> None:
+    print(line, flush=True)
+
+
+async def _take(store: SqliteStore, count: int) -> None:
+    for _ in range(count):
+        _say(await store.take_block(_SCOPE, 1))
+
+
+async def _append(store: SqliteStore, count: int) -> None:
+    for n in range(count):
+        entry = JournalEntry(f"ticket-{n}", "/fhir/Encounter", b'{"n": %d}' % n, time.time())
+        _say((await store.journal_append(entry)).ticket)
+
+
+async def _put_mode(store: SqliteStore, count: int) -> None:
+    put_at = time.time()
+    await store.put_mode(_MODE)
+    _say(put_at)
+
+
+async def _watch(store: SqliteStore, count: int) -> None:
+    # A long wait: if the change were missed, the delay would show it.
+    while _MODE.target not in await store.load_modes():
+        await store.wait_for_change(30.0)
+    _say(time.time())
+
+
+async def _child(role: str, db: str, count: int) -> None:
+    store = SqliteStore(Path(db))
+    await store.open()
+    _say("ready")
+    sys.stdin.readline()
+    roles = {"take": _take, "append": _append, "put_mode": _put_mode, "watch": _watch}
+    await roles[role](store, count)
+    await store.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(_child(sys.argv[1], sys.argv[2], int(sys.argv[3])))
