@@ -112,7 +112,7 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     store = make_store(config)
     try:
         await store.open()
-    except StoreUnavailable as exc:
+    except (StoreUnavailable, OSError) as exc:
         raise StartupError(f"state ({config.state.backend}): {exc}") from exc
     warning = await store.durability_warning()
     if warning:

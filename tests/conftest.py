@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.redis_server import redis_factory, redis_server  # noqa: F401 (fixtures)
+
 REPO = Path(__file__).resolve().parent.parent
 
 

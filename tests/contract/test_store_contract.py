@@ -33,7 +33,6 @@ async def open_backend(backend: str, tmp_path: Path, clock: Callable[[], float])
 
         return SqliteStore(tmp_path / "state.db", clock=clock)
     from resilgate.state.redis import RedisStore
-
     from tests.redis_server import RedisServer
 
     server = RedisServer(tmp_path / "redis")
@@ -53,12 +52,12 @@ async def store(
     request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
 ) -> AsyncIterator[StateStore]:
     backend = await open_backend(request.param, tmp_path, clock)
-    await backend.open()
+    server = getattr(backend, "test_server", None)
     try:
+        await backend.open()
         yield backend
-    finally:
         await backend.close()
-        server = getattr(backend, "test_server", None)
+    finally:
         if server is not None:
             server.stop()
 

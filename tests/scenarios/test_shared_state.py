@@ -150,6 +150,13 @@ async def test_redis_outage_keeps_routing_and_loses_no_acknowledged_entry(
             done.set()
             await router
         stored = [e.ticket for e in await journal.journal_list(limit=10_000)]
+
+        def recovered() -> bool:
+            events = [r.get("event") for r in gateway.log_records()]
+            lost = max(i for i, event in enumerate(events) if event == "state_store_unreachable")
+            return "state_store_ok" in events[lost:]
+
+        await asyncio.to_thread(wait_until, recovered, 5, "the gateway to see the store again")
     finally:
         await journal.close()
         redis.stop()
@@ -158,10 +165,3 @@ async def test_redis_outage_keeps_routing_and_loses_no_acknowledged_entry(
     assert routed["failed"] == 0
     assert routed["during_outage"] > 0
     print(f"routed during the Redis outage: {routed}")
-
-    def recovered() -> bool:
-        events = [r.get("event") for r in gateway.log_records()]
-        lost = max(i for i, event in enumerate(events) if event == "state_store_unreachable")
-        return "state_store_ok" in events[lost:]
-
-    await asyncio.to_thread(wait_until, recovered, 5, "the gateway to see the store again")

@@ -1,0 +1,613 @@
+"""Shared state in Redis, for many gateway replicas.
+
+Layout under ``<namespace>:`` (one Redis, not Cluster: the Lua scripts touch keys they derive):
+
+- ``modes``, ``verdicts``: hashes, every write announced on the ``changes`` channel;
+- ``counters``: a hash, HINCRBY hands out blocks;
+- ``cache:<key>``: the value behind its expiry time, with PX; ``cache-expiry`` indexes them;
+- ``journal:*``: the immutable entry by ticket, its state and detail, its ``seq`` in the
+  ``order`` sorted set, unfinished tickets in ``open``, leases, and finish times in
+  ``finished``. Lua scripts keep these consistent: append refuses a known ticket, a claim
+  leases atomically across replicas, trim drops only finished entries;
+- ``audit``: a sorted set scored by the record's time.
+
+Every call is bounded by ``op_timeout_s``; whatever goes wrong becomes StoreUnavailable.
+Journal entries that cannot reach Redis go to a local :class:`Spool` and are acknowledged;
+a background task moves them to Redis, in order, when it is back. ``journal_list`` shows
+Redis only, so spooled entries appear there once moved; ``journal_get`` also looks in the
+spool. A spooled entry is returned with ``seq`` 0 (it gets its seq when moved), and a
+ticket already in Redis is only recognised then: the spooled copy is dropped as a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import re
+import sqlite3
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+from redis.retry import Retry
+
+from resilgate.state.records import (
+    FINISHED,
+    AuditRecord,
+    ForcedMode,
+    JournalEntry,
+    JournalState,
+    Verdict,
+)
+from resilgate.state.spool import Spool
+from resilgate.state.store import DuplicateTicket, StateStore, StoreUnavailable
+
+T = TypeVar("T")
+
+RECONNECT_MIN_S = 0.05
+RECONNECT_MAX_S = 1.0
+PUBSUB_PING_S = 1.0  # a silent subscription is pinged this often, to notice a dead link
+DRAIN_BATCH = 100
+CLOSE_DRAIN_S = 2.0
+OPEN_STATES = ("accepted", "replaying")
+EXPIRY = struct.Struct(">d")
+
+# KEYS of every journal script, in this order.
+JOURNAL_KEYS = (
+    "data", "state", "detail", "order", "open", "seq", "lease_owner", "lease_until", "finished"
+)  # fmt: skip
+
+ROW_LUA = """
+local function push_row(out, t)
+  local data = redis.call('HGET', KEYS[1], t)
+  if not data then return false end
+  out[#out + 1] = data
+  out[#out + 1] = redis.call('ZSCORE', KEYS[4], t)
+  out[#out + 1] = redis.call('HGET', KEYS[2], t)
+  out[#out + 1] = redis.call('HGET', KEYS[3], t) or ''
+  return true
+end
+"""
+
+APPEND_LUA = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local seq = redis.call('INCR', KEYS[6])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+redis.call('ZADD', KEYS[4], seq, ARGV[1])
+if ARGV[5] == '1' then redis.call('ZADD', KEYS[5], seq, ARGV[1]) end
+return seq
+"""
+
+GET_LUA = (
+    ROW_LUA
+    + """
+local out = {}
+push_row(out, ARGV[1])
+return out
+"""
+)
+
+# ARGV: limit, 'order'|'open', '*' (any state) or the wanted states.
+LIST_LUA = (
+    ROW_LUA
+    + """
+local limit = tonumber(ARGV[1])
+local source = KEYS[4]
+if ARGV[2] == 'open' then source = KEYS[5] end
+local any = ARGV[3] == '*'
+local wanted = {}
+for i = 3, #ARGV do wanted[ARGV[i]] = true end
+local out, n, start = {}, 0, 0
+while n < limit do
+  local batch = redis.call('ZRANGE', source, start, start + 499)
+  if #batch == 0 then break end
+  for _, t in ipairs(batch) do
+    if any or wanted[redis.call('HGET', KEYS[2], t)] then
+      if push_row(out, t) then n = n + 1 end
+      if n >= limit then break end
+    end
+  end
+  start = start + 500
+end
+return out
+"""
+)
+
+# ARGV: owner, now, lease end, limit.
+CLAIM_LUA = (
+    ROW_LUA
+    + """
+local now, limit = tonumber(ARGV[2]), tonumber(ARGV[4])
+local out, n, start = {}, 0, 0
+while n < limit do
+  local batch = redis.call('ZRANGE', KEYS[5], start, start + 499)
+  if #batch == 0 then break end
+  for _, t in ipairs(batch) do
+    local holder = redis.call('HGET', KEYS[7], t)
+    local until_ = tonumber(redis.call('HGET', KEYS[8], t) or '0')
+    if not holder or holder == ARGV[1] or until_ <= now then
+      redis.call('HSET', KEYS[7], t, ARGV[1])
+      redis.call('HSET', KEYS[8], t, ARGV[3])
+      if push_row(out, t) then n = n + 1 end
+      if n >= limit then break end
+    end
+  end
+  start = start + 500
+end
+return out
+"""
+)
+
+# ARGV: ticket, state, detail, '1' if finished, now.
+FINISH_LUA = """
+local t = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], t) == 0 then return 0 end
+redis.call('HSET', KEYS[2], t, ARGV[2])
+redis.call('HSET', KEYS[3], t, ARGV[3])
+redis.call('HDEL', KEYS[7], t)
+redis.call('HDEL', KEYS[8], t)
+if ARGV[4] == '1' then
+  redis.call('ZREM', KEYS[5], t)
+  redis.call('ZADD', KEYS[9], ARGV[5], t)
+else
+  redis.call('ZADD', KEYS[5], redis.call('ZSCORE', KEYS[4], t), t)
+  redis.call('ZREM', KEYS[9], t)
+end
+return 1
+"""
+
+# KEYS: the journal's, then audit, cache expiry index. ARGV: journal cutoff, audit cutoff, now.
+TRIM_LUA = """
+local removed = 0
+for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', '(' .. ARGV[1])) do
+  for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[7], KEYS[8]}) do redis.call('HDEL', k, t) end
+  redis.call('ZREM', KEYS[4], t)
+  redis.call('ZREM', KEYS[5], t)
+  removed = removed + 1
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', '(' .. ARGV[1])
+removed = removed + redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', '(' .. ARGV[2])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[11], '-inf', ARGV[3])
+for _, k in ipairs(expired) do redis.call('DEL', k) end
+redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', ARGV[3])
+return removed + #expired
+"""
+
+AUDIT_APPEND_LUA = """
+local n = redis.call('INCR', KEYS[2])
+redis.call('ZADD', KEYS[1], ARGV[1], string.format('%020d', n) .. ARGV[2])
+"""
+AUDIT_SEQ_WIDTH = 20
+
+
+def without_password(url: str) -> str:
+    return re.sub(r"(//[^:@/]*:)[^@/]*@", r"\1***@", url)
+
+
+class RedisStore(StateStore):
+    """State shared by all replicas through one Redis; journal writes survive its outages."""
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        spool_path: Path,
+        namespace: str = "resilgate",
+        op_timeout_s: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = without_password(url)
+        self.namespace = namespace
+        self._url = url
+        self._op_timeout_s = op_timeout_s
+        self._clock = clock
+        self._spool = Spool(spool_path)
+        self._client: Redis | None = None
+        self._pubsub: PubSub | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reachable = False
+        self.last_error = ""
+        self._back = asyncio.Event()  # set while Redis answers
+        self._changed = asyncio.Event()
+        self._spool_waiting = asyncio.Event()
+        ns = namespace
+        self._channel = f"{ns}:changes"
+        self._modes = f"{ns}:modes"
+        self._verdicts = f"{ns}:verdicts"
+        self._counters = f"{ns}:counters"
+        self._cache_expiry = f"{ns}:cache-expiry"
+        self._audit = f"{ns}:audit"
+        self._audit_seq = f"{ns}:audit:seq"
+        self._journal_keys = [f"{ns}:journal:{name}" for name in JOURNAL_KEYS]
+
+    def __repr__(self) -> str:
+        health = "reachable" if self.reachable else f"UNREACHABLE ({self.last_error})"
+        return (
+            f"<RedisStore {self.url} ns={self.namespace} {health}, "
+            f"{self._spool.count} journal entries spooled>"
+        )
+
+    # Connection, health, change announcements.
+
+    async def open(self) -> None:
+        """Open the spool and connect; if Redis is down, start unreachable and keep trying."""
+        await self._spool.open()
+        self._client = Redis.from_url(
+            self._url,
+            socket_timeout=self._op_timeout_s,
+            socket_connect_timeout=self._op_timeout_s,
+            retry=Retry(NoBackoff(), 0),  # a retry could run a journal append twice
+        )
+        client = self._client
+        self._append = client.register_script(APPEND_LUA)
+        self._get = client.register_script(GET_LUA)
+        self._list = client.register_script(LIST_LUA)
+        self._claim = client.register_script(CLAIM_LUA)
+        self._finish = client.register_script(FINISH_LUA)
+        self._trim = client.register_script(TRIM_LUA)
+        self._audit_append = client.register_script(AUDIT_APPEND_LUA)
+        try:
+            self._pubsub = await self._subscribe()
+        except StoreUnavailable:
+            pass  # the watcher keeps trying
+        except BaseException:
+            await self.close()
+            raise
+        if self._spool.count:
+            self._spool_waiting.set()
+        self._tasks = [
+            asyncio.create_task(self._watch(), name="redis-store-watch"),
+            asyncio.create_task(self._drain_forever(), name="redis-store-drain"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.reachable and self._spool.count:
+            with contextlib.suppress(StoreUnavailable, TimeoutError):
+                async with asyncio.timeout(CLOSE_DRAIN_S):
+                    while self._spool.count:
+                        await self._drain_batch()
+        if self._pubsub is not None:
+            await _close(self._pubsub)
+            self._pubsub = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        await self._spool.close()
+
+    async def ping(self) -> None:
+        await self._call(lambda: self._redis().ping())
+
+    async def spooled(self) -> int:
+        """Journal entries acknowledged but not yet moved to Redis."""
+        return self._spool.count
+
+    async def durability_warning(self) -> str | None:
+        """Whether this Redis keeps an acknowledged journal write across its own crash: it
+        must run AOF with ``appendfsync always`` (resilgate does not WAIT for replicas)."""
+
+        async def read() -> tuple[dict[str, str] | str, int]:
+            client = self._redis()
+            try:
+                raw: dict[Any, Any] = await client.config_get("append*")
+            except ResponseError as exc:  # CONFIG renamed away or denied by an ACL
+                return str(exc), 0
+            replication: dict[str, Any] = await client.info("replication")
+            config = {_text(k): _text(v) for k, v in raw.items()}
+            return config, int(replication.get("connected_slaves", 0))
+
+        prefix = f"Redis {self.url}"
+        try:
+            config, replicas = await self._call(read)
+        except StoreUnavailable as exc:
+            return f"{prefix}: cannot verify persistence, unreachable ({exc.__cause__!r})"
+        if isinstance(config, str):
+            return (
+                f"{prefix}: cannot verify persistence, CONFIG GET refused ({config}); "
+                "journal entries need appendonly yes and appendfsync always"
+            )
+        note = f" ({replicas} replica(s) connected, but resilgate does not WAIT for them)"
+        note = note if replicas else ""
+        if config.get("appendonly") != "yes":
+            return (
+                f"{prefix}: appendonly is {config.get('appendonly')!r}, so journal entries "
+                "acknowledged since its last snapshot are lost if it crashes; set appendonly "
+                f"yes and appendfsync always{note}"
+            )
+        if config.get("appendfsync") != "always":
+            return (
+                f"{prefix}: appendfsync is {config.get('appendfsync')!r}, so up to a second of "
+                f"acknowledged journal entries is lost if it crashes; set appendfsync always{note}"
+            )
+        return None
+
+    async def wait_for_change(self, within_s: float) -> bool:
+        try:
+            async with asyncio.timeout(within_s):
+                await self._changed.wait()
+        except TimeoutError:
+            return False
+        self._changed.clear()
+        return True
+
+    # Modes and verdicts.
+
+    async def put_mode(self, mode: ForcedMode) -> None:
+        await self._announce(lambda pipe: pipe.hset(self._modes, mode.target, mode.to_json()))
+
+    async def delete_mode(self, target: str) -> None:
+        await self._announce(lambda pipe: pipe.hdel(self._modes, target))
+
+    async def load_modes(self) -> dict[str, ForcedMode]:
+        raw = await self._call(lambda: self._redis().hgetall(self._modes))
+        return {_text(target): ForcedMode.from_json(value) for target, value in raw.items()}
+
+    async def put_verdict(self, verdict: Verdict) -> None:
+        field = f"{verdict.endpoint}|{verdict.replica}"
+        await self._announce(lambda pipe: pipe.hset(self._verdicts, field, verdict.to_json()))
+
+    async def load_verdicts(self) -> list[Verdict]:
+        raw = await self._call(lambda: self._redis().hgetall(self._verdicts))
+        return [Verdict.from_json(value) for value in raw.values()]
+
+    # Counters and cache.
+
+    async def take_block(self, scope: str, size: int) -> int:
+        last: int = await self._call(lambda: self._redis().hincrby(self._counters, scope, size))
+        return last - size + 1
+
+    async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None:
+        name = f"{self.namespace}:cache:{key}"
+        expires_at = self._clock() + ttl_s
+
+        async def put() -> None:
+            async with self._redis().pipeline(transaction=True) as pipe:
+                pipe.set(name, EXPIRY.pack(expires_at) + value, px=max(1, math.ceil(ttl_s * 1000)))
+                pipe.zadd(self._cache_expiry, {name: expires_at})
+                await pipe.execute()
+
+        await self._call(put)
+
+    async def cache_get(self, key: str) -> bytes | None:
+        name = f"{self.namespace}:cache:{key}"
+        raw = cast(bytes | None, await self._call(lambda: self._redis().get(name)))
+        if raw is None or EXPIRY.unpack_from(raw)[0] <= self._clock():
+            return None
+        return raw[EXPIRY.size :]
+
+    # Journal.
+
+    async def journal_append(self, entry: JournalEntry) -> JournalEntry:
+        """Append to Redis, or to the local spool while Redis is unreachable or the spool
+        still holds earlier entries (so acceptance order is kept); seq is 0 if spooled."""
+        if self.reachable and not self._spool.count:
+            try:
+                seq: int = await self._call(lambda: self._append_to(self._redis(), entry))
+            except StoreUnavailable:
+                pass  # an append that did land after all is recognised when moved
+            else:
+                if not seq:
+                    raise DuplicateTicket(entry.ticket)
+                return replace(entry, seq=seq)
+        try:
+            await self._spool.add(entry)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"Redis unreachable and the spool failed: {exc}") from exc
+        self._spool_waiting.set()
+        return replace(entry, seq=0)
+
+    async def journal_get(self, ticket: str) -> JournalEntry | None:
+        rows = await self._call(lambda: self._get(keys=self._journal_keys, args=[ticket]))
+        found = _entries(rows)
+        if found:
+            return found[0]
+        return await self._spool.get(ticket)
+
+    async def journal_list(
+        self, states: frozenset[str] | None = None, limit: int = 1000
+    ) -> list[JournalEntry]:
+        args: list[str | int]
+        if states is None:
+            args = [limit, "order", "*"]
+        else:
+            source = "open" if states <= set(OPEN_STATES) else "order"
+            args = [limit, source, *sorted(states)] if states else [limit, "order", "-"]
+        rows = await self._call(lambda: self._list(keys=self._journal_keys, args=args))
+        return _entries(rows)
+
+    async def journal_claim(self, owner: str, limit: int, lease_s: float) -> list[JournalEntry]:
+        now = self._clock()
+        args: list[str | int] = [owner, repr(now), repr(now + lease_s), limit]
+        rows = await self._call(lambda: self._claim(keys=self._journal_keys, args=args))
+        return _entries(rows)
+
+    async def journal_finish(self, ticket: str, state: JournalState, detail: str) -> None:
+        args = [ticket, state, detail, "1" if state in FINISHED else "0", repr(self._clock())]
+        found = await self._call(lambda: self._finish(keys=self._journal_keys, args=args))
+        if not found:
+            raise KeyError(ticket)
+
+    # Audit and retention.
+
+    async def audit_append(self, record: AuditRecord) -> None:
+        args: list[str | bytes] = [repr(record.at), record.to_json()]
+        await self._call(lambda: self._audit_append(keys=[self._audit, self._audit_seq], args=args))
+
+    async def audit_list(self, limit: int = 100) -> list[AuditRecord]:
+        if limit <= 0:
+            return []
+        raw = cast(
+            list[bytes],
+            await self._call(lambda: self._redis().zrevrange(self._audit, 0, limit - 1)),
+        )
+        return [AuditRecord.from_json(member[AUDIT_SEQ_WIDTH:]) for member in raw]
+
+    async def trim(self, now: float, audit_keep_s: float, journal_keep_s: float) -> int:
+        keys = [*self._journal_keys, self._audit, self._cache_expiry]
+        args = [repr(now - journal_keep_s), repr(now - audit_keep_s), repr(now)]
+        removed: int = await self._call(lambda: self._trim(keys=keys, args=args))
+        return removed
+
+    # Internals.
+
+    def _redis(self) -> Redis:
+        if self._client is None:
+            raise StoreUnavailable("RedisStore is not open")
+        return self._client
+
+    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation within the op timeout; any failure is StoreUnavailable."""
+        try:
+            async with asyncio.timeout(self._op_timeout_s):
+                result = await operation()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._mark(False, exc)
+            raise StoreUnavailable(f"redis {self.url}: {type(exc).__name__}: {exc}") from exc
+        self._mark(True)
+        return result
+
+    def _mark(self, reachable: bool, error: BaseException | None = None) -> None:
+        self.reachable = reachable
+        if reachable:
+            self._back.set()
+        else:
+            self._back.clear()
+            self.last_error = f"{type(error).__name__}: {error}"[:200]
+
+    async def _announce(self, write: Callable[[Any], Any]) -> None:
+        async def run() -> None:
+            async with self._redis().pipeline(transaction=True) as pipe:
+                write(pipe)
+                pipe.publish(self._channel, b"1")
+                await pipe.execute()
+
+        await self._call(run)
+
+    async def _append_to(self, client: Any, entry: JournalEntry) -> int:
+        """Run the append script on ``client`` (the Redis client or a pipeline)."""
+        data = replace(entry, state="accepted", detail="", seq=0).to_json()
+        opened = "1" if entry.state in OPEN_STATES else "0"
+        args: list[str | bytes] = [entry.ticket, data, entry.state, entry.detail, opened]
+        seq: int = await self._append(keys=self._journal_keys, args=args, client=client)
+        return seq
+
+    async def _subscribe(self) -> PubSub:
+        """Subscribe to the changes channel; returns once Redis confirmed it."""
+        pubsub = self._redis().pubsub()
+
+        async def subscribe() -> None:
+            await pubsub.subscribe(self._channel)
+            confirmed = await pubsub.get_message(timeout=self._op_timeout_s)
+            if confirmed is None or confirmed["type"] != "subscribe":
+                raise TimeoutError("no subscribe confirmation")
+
+        try:
+            await self._call(subscribe)
+        except BaseException:
+            await _close(pubsub)
+            raise
+        return pubsub
+
+    async def _watch(self) -> None:
+        """Keep the subscription alive; after each new one, report a (possibly missed) change."""
+        delay = RECONNECT_MIN_S
+        while True:
+            if self._pubsub is None:
+                try:
+                    self._pubsub = await self._subscribe()
+                except StoreUnavailable:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_MAX_S)
+                    continue
+                delay = RECONNECT_MIN_S
+                self._changed.set()
+            try:
+                await self._listen(self._pubsub)
+            except Exception as exc:  # the link is lost; whatever broke, subscribe again
+                self._mark(False, exc)
+                await _close(self._pubsub)
+                self._pubsub = None
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        """Set the change event on each announcement; raise when the link is lost."""
+        ping_sent: float | None = None
+        while True:
+            wait = self._op_timeout_s if ping_sent is not None else PUBSUB_PING_S
+            message = await pubsub.get_message(timeout=wait)
+            if message is None:
+                if ping_sent is not None:
+                    raise TimeoutError("no answer to PING on the change subscription")
+                async with asyncio.timeout(self._op_timeout_s):
+                    await pubsub.ping()
+                ping_sent = time.monotonic()
+                continue
+            ping_sent = None
+            if message["type"] == "message":
+                self._changed.set()
+
+    async def _drain_forever(self) -> None:
+        delay = RECONNECT_MIN_S
+        while True:
+            if not self._spool.count:
+                self._spool_waiting.clear()
+                await self._spool_waiting.wait()
+                continue
+            try:
+                await self._drain_batch()
+            except Exception as exc:  # Redis or the spool failed; the rows stay, try again
+                self.last_error = f"drain: {type(exc).__name__}: {exc}"[:200]
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._back.wait()
+                delay = min(delay * 2, RECONNECT_MAX_S)
+            else:
+                delay = RECONNECT_MIN_S
+
+    async def _drain_batch(self) -> None:
+        """Move the oldest spooled entries to Redis, in order; a ticket Redis already has
+        was moved before (the row outlived its move) and is only dropped from the spool."""
+        rows = await self._spool.head(DRAIN_BATCH)
+
+        async def push() -> None:
+            async with self._redis().pipeline(transaction=False) as pipe:
+                for _, entry in rows:
+                    await self._append_to(pipe, entry)
+                await pipe.execute()
+
+        await self._call(push)
+        await self._spool.remove([row_id for row_id, _ in rows])
+
+
+async def _close(pubsub: PubSub) -> None:
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(rows: list[bytes | None]) -> list[JournalEntry]:
+    """Decode the flat (data, seq, state, detail)* reply of the journal scripts."""
+    entries = []
+    for i in range(0, len(rows), 4):
+        data, seq, state, detail = rows[i : i + 4]
+        assert data is not None and seq is not None and state is not None
+        entry = JournalEntry.from_json(data)
+        entries.append(
+            replace(entry, seq=int(seq), state=_text(state), detail=_text(detail or b""))  # type: ignore[arg-type]
+        )
+    return entries

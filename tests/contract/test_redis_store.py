@@ -1,0 +1,271 @@
+"""What only the Redis backend promises: surviving Redis outages, replicas, failing fast."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import signal
+import statistics
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from resilgate.state.records import AuditRecord, ForcedMode, JournalEntry, Verdict
+from resilgate.state.redis import RedisStore
+from resilgate.state.store import DuplicateTicket, StoreUnavailable
+from tests.redis_server import DURABLE, RedisServer, redis_factory, redis_server
+
+__all__ = ["redis_factory", "redis_server"]  # fixtures used here
+
+OpenStore = Callable[..., Awaitable[RedisStore]]
+
+
+@pytest.fixture
+async def open_store(
+    tmp_path: Path, redis_factory: Callable[..., RedisServer]
+) -> AsyncIterator[OpenStore]:
+    """Open RedisStores (each its own spool); all are closed before the servers go."""
+    opened: list[RedisStore] = []
+
+    async def make(url: str, name: str = "gw-a", **options: Any) -> RedisStore:
+        store = RedisStore(url, spool_path=tmp_path / f"spool-{name}.db", **options)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+async def eventually(condition: Callable[[], Any], within_s: float, what: str) -> None:
+    """Poll ``condition`` (sync or async) until it is truthy, or fail after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def entry(ticket: str) -> JournalEntry:
+    return JournalEntry(ticket, "his-orders-write", b'{"resourceType":"ServiceRequest"}', 0.0)
+
+
+async def test_sigkill_while_appending_500_loses_no_acknowledged_entry(
+    redis_server: RedisServer, open_store: OpenStore
+) -> None:
+    store = await open_store(redis_server.url)
+    acknowledged: list[str] = []
+    spooled_on_append = 0
+    hundred, three_hundred, restarted = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def append_500() -> None:
+        nonlocal spooled_on_append
+        for n in range(500):
+            if n == 100:
+                hundred.set()  # Redis is killed while the next append is in flight
+            if n == 300:
+                three_hundred.set()
+                await restarted.wait()  # the rest are appended while the spool drains
+            stored = await store.journal_append(entry(f"J-{n:04d}"))
+            acknowledged.append(stored.ticket)
+            spooled_on_append += stored.seq == 0
+
+    appender = asyncio.create_task(append_500())
+    await hundred.wait()
+    redis_server.kill(signal.SIGKILL)
+    killed_at = time.monotonic()
+    await three_hundred.wait()
+    assert await store.spooled() > 0
+    await asyncio.to_thread(redis_server.restart)
+    restarted_at = time.monotonic()
+    restarted.set()
+    await appender
+    spooled_at_end = await store.spooled()
+    await eventually(lambda: _spool_empty(store), 15, "the spool to drain")
+    drained_at = time.monotonic()
+
+    stored = await store.journal_list(limit=10_000)
+    assert len(acknowledged) == 500
+    assert [e.ticket for e in stored] == acknowledged  # each once, in acceptance order
+    assert all(a.seq < b.seq for a, b in itertools.pairwise(stored))
+    other = await open_store(redis_server.url, "gw-b")  # what another replica sees
+    assert [e.ticket for e in await other.journal_list(limit=10_000)] == acknowledged
+    print(
+        f"{spooled_on_append} of 500 acknowledged from the spool; outage "
+        f"{restarted_at - killed_at:.3f}s; {spooled_at_end} still spooled when the appends "
+        f"ended; spool empty {drained_at - restarted_at:.3f}s after the restart"
+    )
+
+
+async def _spool_empty(store: RedisStore) -> bool:
+    return await store.spooled() == 0
+
+
+async def test_a_change_reaches_another_replica_well_within_a_second(
+    redis_server: RedisServer, open_store: OpenStore
+) -> None:
+    writer = await open_store(redis_server.url, "gw-a")
+    reader = await open_store(redis_server.url, "gw-b")
+    lags = []
+    for n in range(10):
+        target = f"his-{n}"
+        await reader.wait_for_change(0)  # forget earlier announcements
+        started = time.perf_counter()
+        await writer.put_mode(ForcedMode(target, "dr", "drill", "ops:li", time.time()))
+        while target not in await reader.load_modes():
+            assert await reader.wait_for_change(1.0), f"{target} never announced"
+        lags.append(time.perf_counter() - started)
+    await writer.put_verdict(Verdict("his/primary", "gw-a", "open", time.time()))
+    assert await reader.wait_for_change(1.0)
+    assert [v.state for v in await reader.load_verdicts()] == ["open"]
+    await writer.delete_mode("his-0")
+    assert await reader.wait_for_change(1.0)
+    assert "his-0" not in await reader.load_modes()
+    print(
+        f"mode seen by the other replica after {statistics.median(lags) * 1000:.1f} ms "
+        f"(median), {max(lags) * 1000:.1f} ms (max) of {len(lags)}"
+    )
+    assert max(lags) < 1.0
+
+
+async def test_operations_fail_fast_while_redis_is_stopped_or_down(
+    redis_server: RedisServer, open_store: OpenStore
+) -> None:
+    op_timeout = 0.2
+    store = await open_store(redis_server.url, op_timeout_s=op_timeout)
+    now = time.time()
+    operations: dict[str, Callable[[], Awaitable[object]]] = {
+        "ping": store.ping,
+        "load_modes": store.load_modes,
+        "put_mode": lambda: store.put_mode(ForcedMode("his", "dr", "r", "ops", now)),
+        "put_verdict": lambda: store.put_verdict(Verdict("his/a", "gw-a", "open", now)),
+        "take_block": lambda: store.take_block("NEI", 1),
+        "cache_get": lambda: store.cache_get("k"),
+        "journal_list": store.journal_list,
+        "journal_claim": lambda: store.journal_claim("gw-a", 10, 30),
+        "audit_append": lambda: store.audit_append(AuditRecord(now, "ops", "a", "t", "r")),
+        "trim": lambda: store.trim(now, 60, 60),
+    }
+
+    async def all_fail_fast(state: str) -> float:
+        slowest = 0.0
+        for name, operation in operations.items():
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await operation()
+            took = time.monotonic() - started
+            assert took < op_timeout + 0.3, f"{name} took {took:.2f}s while Redis is {state}"
+            slowest = max(slowest, took)
+        return slowest
+
+    with redis_server.paused():
+        started = time.monotonic()
+        spooled = await store.journal_append(entry("J-stopped"))
+        append_took = time.monotonic() - started
+        assert spooled.seq == 0 and await store.spooled() == 1
+        stopped = await all_fail_fast("stopped")
+        assert "UNREACHABLE" in repr(store)
+    await eventually(lambda: _spool_empty(store), 10, "the spool to drain after SIGCONT")
+    assert await store.journal_get("J-stopped") is not None
+    assert "reachable, 0 journal entries spooled" in repr(store)
+
+    redis_server.kill(signal.SIGKILL)
+    down = await all_fail_fast("down")
+    print(
+        f"op timeout {op_timeout}s: slowest failure {stopped:.3f}s stopped, {down:.3f}s down; "
+        f"append spooled after {append_took:.3f}s"
+    )
+    assert append_took < op_timeout + 0.3
+
+
+@pytest.mark.parametrize(
+    ("persistence", "warning"),
+    [
+        (DURABLE, None),
+        (("--appendonly", "no", "--save", ""), "appendonly is 'no'"),
+        (("--appendonly", "yes", "--appendfsync", "everysec"), "appendfsync is 'everysec'"),
+        ((*DURABLE, "--rename-command", "CONFIG", ""), "cannot verify"),
+    ],
+)
+async def test_durability_warning(
+    redis_factory: Callable[..., RedisServer],
+    open_store: OpenStore,
+    persistence: tuple[str, ...],
+    warning: str | None,
+) -> None:
+    server = redis_factory(persistence)
+    server.start()
+    store = await open_store(server.url)
+    found = await store.durability_warning()
+    if warning is None:
+        assert found is None
+    else:
+        assert found is not None and warning in found and "\n" not in found
+        print(found)
+
+
+async def test_starts_with_redis_down_spools_across_a_restart_and_drains(
+    redis_factory: Callable[..., RedisServer], open_store: OpenStore
+) -> None:
+    server = redis_factory()
+    first = await open_store(server.url, "gw-a")  # Redis is not running yet
+    assert "UNREACHABLE" in repr(first)
+    assert "cannot verify" in (await first.durability_warning() or "")
+    for n in range(10):
+        assert (await first.journal_append(entry(f"J-{n:02d}"))).seq == 0
+    with pytest.raises(DuplicateTicket):
+        await first.journal_append(entry("J-03"))
+    await first.close()  # the gateway restarts during the outage, on the same spool
+
+    second = await open_store(server.url, "gw-a")
+    assert await second.spooled() == 10
+    for n in range(10, 20):
+        await second.journal_append(entry(f"J-{n:02d}"))
+    await asyncio.to_thread(server.start)
+    assert await second.wait_for_change(5.0), "a reconnect must report possibly missed changes"
+    await eventually(lambda: _spool_empty(second), 10, "the spool to drain")
+    listed = await second.journal_list()
+    assert [e.ticket for e in listed] == [f"J-{n:02d}" for n in range(20)]
+    assert [e.seq for e in listed] == list(range(1, 21))
+    fresh = await second.journal_append(entry("J-20"))
+    assert fresh.seq == 21  # straight to Redis once the spool is empty
+
+
+async def test_leases_expire_and_finished_entries_are_trimmed(
+    redis_server: RedisServer, open_store: OpenStore
+) -> None:
+    now = [1_000_000.0]
+    store = await open_store(redis_server.url, clock=lambda: now[0])
+    for n in range(3):
+        await store.journal_append(entry(f"J-{n}"))
+    assert [e.ticket for e in await store.journal_claim("gw-a", 2, lease_s=30)] == ["J-0", "J-1"]
+    assert [e.ticket for e in await store.journal_claim("gw-b", 5, lease_s=30)] == ["J-2"]
+    now[0] += 31
+    assert [e.ticket for e in await store.journal_claim("gw-b", 5, lease_s=30)] == [
+        "J-0",
+        "J-1",
+        "J-2",
+    ]
+    await store.journal_finish("J-0", "applied", "201")
+    await store.journal_finish("J-1", "failed", "409")
+    with pytest.raises(KeyError):
+        await store.journal_finish("J-9", "applied", "")
+    await store.cache_put("allergies", b"x", ttl_s=60)
+    now[0] += 10
+    assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20) == 0
+    now[0] += 11
+    assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20) == 2
+    assert [e.ticket for e in await store.journal_list()] == ["J-2"]
+    now[0] += 60
+    assert await store.cache_get("allergies") is None
+    assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20) == 1
