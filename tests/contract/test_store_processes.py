@@ -1,4 +1,5 @@
-"""What only the SQLite backend promises: real processes sharing one file, durability, WAL.
+"""Stores shared by real processes: SQLite file sharing, durability and WAL; counters (SQLite
+and Redis) that never repeat a number across processes and restarts.
 
 The behaviour every backend shares is in ``test_store_contract.py``. Here the other workers are
 real processes running this module (see the bottom): each opens the store, prints ``ready``,
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import signal
 import sqlite3
 import subprocess
@@ -20,20 +22,21 @@ from pathlib import Path
 import pytest
 
 from resilgate.state.records import ForcedMode, JournalEntry
+from resilgate.state.redis import RedisStore
 from resilgate.state.sqlite import SqliteStore
-from resilgate.state.store import StoreUnavailable
+from resilgate.state.store import StateStore, StoreUnavailable
 from tests.conftest import REPO, wait_until
 
 _SCOPE = "queue:opd"
 _MODE = ForcedMode("his", "dr", "failover drill", "test", 0.0)
-_CHILD = [sys.executable, "-m", "tests.contract.test_sqlite_store"]
+_CHILD = [sys.executable, "-m", "tests.contract.test_store_processes"]
 _numbering = itertools.count()
 
 
 class Child:
     """A worker process using the store; its stdout lines are the operations that returned."""
 
-    def __init__(self, tmp_path: Path, role: str, db: Path, count: int) -> None:
+    def __init__(self, tmp_path: Path, role: str, db: Path | str, count: int) -> None:
         name = f"{role}-{next(_numbering)}"
         self.out = tmp_path / f"{name}.out"
         self.err = tmp_path / f"{name}.err"
@@ -87,14 +90,18 @@ def children(tmp_path: Path) -> Iterator[list[Child]]:
         child.proc.wait(10)
 
 
-def launch(children: list[Child], tmp_path: Path, role: str, count: int = 1) -> Child:
-    child = Child(tmp_path, role, tmp_path / "state.db", count)
+def launch(
+    children: list[Child], tmp_path: Path, role: str, count: int = 1, target: str | None = None
+) -> Child:
+    child = Child(tmp_path, role, target or tmp_path / "state.db", count)
     children.append(child)
     return child
 
 
-def start(children: list[Child], tmp_path: Path, role: str, count: int = 1) -> Child:
-    child = launch(children, tmp_path, role, count)
+def start(
+    children: list[Child], tmp_path: Path, role: str, count: int = 1, target: str | None = None
+) -> Child:
+    child = launch(children, tmp_path, role, count, target)
     child.wait_ready()
     return child
 
@@ -130,12 +137,14 @@ def test_many_processes_open_a_new_file_at_once(tmp_path: Path, children: list[C
     assert sorted(int(line) for child in processes for line in child.finish()) == list(range(1, 9))
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_two_processes_never_take_the_same_number_also_across_restarts(
-    tmp_path: Path, children: list[Child]
+    tmp_path: Path, children: list[Child], backend: str, request: pytest.FixtureRequest
 ) -> None:
+    target = request.getfixturevalue("redis_server").url if backend == "redis" else None
     # Both open first, then start at one signal. (How their takes interleave is up to SQLite's
     # busy handler, which is not fair: now and then one waits until the other is done.)
-    first = [start(children, tmp_path, "take", 1000) for _ in range(2)]
+    first = [start(children, tmp_path, "take", 1000, target) for _ in range(2)]
     for child in first:
         child.go()
     for child in first:
@@ -143,20 +152,20 @@ def test_two_processes_never_take_the_same_number_also_across_restarts(
     assert sorted(numbers(*first)) == list(range(1, 2001))
 
     # Both killed with SIGKILL in the middle of taking, then started again.
-    second = [start(children, tmp_path, "take", 100_000) for _ in range(2)]
+    second = [start(children, tmp_path, "take", 100_000, target) for _ in range(2)]
     for child in second:
         child.go()
     for child in second:
         child.wait_lines(200)
         child.kill()
-    again = [start(children, tmp_path, "take", 1000) for _ in range(2)]
+    again = [start(children, tmp_path, "take", 1000, target) for _ in range(2)]
     for child in again:
         child.go()
     for child in again:
         child.finish()
 
     taken = numbers(*first, *second, *again)
-    print(f"{len(taken)} numbers taken by 6 processes, none twice")
+    print(f"{backend}: {len(taken)} numbers taken by 6 processes, none twice")
     assert len(set(taken)) == len(taken) >= 4400
 
 
@@ -243,7 +252,7 @@ def _say(line: object) -> None:
     print(line, flush=True)
 
 
-async def _take(store: SqliteStore, count: int) -> None:
+async def _take(store: StateStore, count: int) -> None:
     for _ in range(count):
         _say(await store.take_block(_SCOPE, 1))
 
@@ -268,7 +277,13 @@ async def _watch(store: SqliteStore, count: int) -> None:
 
 
 async def _child(role: str, db: str, count: int) -> None:
-    store = SqliteStore(Path(db))
+    store: StateStore
+    if db.startswith("unix://"):
+        store = RedisStore(
+            db, spool_path=Path(db.removeprefix("unix://")).parent / f"{os.getpid()}.spool"
+        )
+    else:
+        store = SqliteStore(Path(db))
     await store.open()
     _say("ready")
     sys.stdin.readline()
