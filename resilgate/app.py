@@ -26,7 +26,6 @@ from resilgate.proxy import (
     proxy_request,
 )
 from resilgate.state.factory import make_store
-from resilgate.state.store import StoreUnavailable
 from resilgate.state.view import StateView, trim_forever
 from resilgate.upstream import new_session
 
@@ -109,10 +108,10 @@ class StartupError(Exception):
 async def shared_state(app: web.Application) -> AsyncIterator[None]:
     """Open the state store and keep this worker's view of it fresh in the background."""
     config = app[GATEWAY].config
-    store = make_store(config)
     try:
+        store = make_store(config)
         await store.open()
-    except (StoreUnavailable, OSError) as exc:
+    except Exception as exc:  # a bad URL, an unusable file, an unreachable SQLite
         raise StartupError(f"state ({config.state.backend}): {exc}") from exc
     warning = await store.durability_warning()
     if warning:

@@ -15,7 +15,7 @@ from resilgate.state.records import (
     JournalState,
     Verdict,
 )
-from resilgate.state.store import DuplicateTicket, StateStore
+from resilgate.state.store import DuplicateTicket, StateStore, check_block_size
 
 
 class MemoryStore(StateStore):
@@ -73,6 +73,7 @@ class MemoryStore(StateStore):
         return True
 
     async def take_block(self, scope: str, size: int) -> int:
+        check_block_size(size)
         first = self._counters.get(scope, 0) + 1
         self._counters[scope] = first + size - 1
         return first

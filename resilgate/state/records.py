@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import orjson
@@ -11,6 +11,12 @@ ModeName = Literal["auto", "primary", "dr", "fallback", "maintenance"]
 BreakerState = Literal["closed", "open", "half_open"]
 JournalState = Literal["accepted", "replaying", "applied", "duplicate", "conflict", "failed"]
 FINISHED: frozenset[str] = frozenset({"applied", "duplicate", "conflict", "failed"})
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """Only the fields this version knows: a newer replica may write more (rolling upgrade)."""
+    names = {f.name for f in fields(cls)}
+    return {key: value for key, value in data.items() if key in names}
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +38,7 @@ class ForcedMode:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ForcedMode:
-        return cls(**orjson.loads(raw))
+        return cls(**_known(cls, orjson.loads(raw)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +55,7 @@ class Verdict:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Verdict:
-        return cls(**orjson.loads(raw))
+        return cls(**_known(cls, orjson.loads(raw)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +75,15 @@ class JournalEntry:
     seq: int = 0
 
     def to_json(self) -> bytes:
-        fields: dict[str, Any] = asdict(self)
-        fields["payload"] = self.payload.decode("latin-1")
-        return orjson.dumps(fields)
+        data: dict[str, Any] = asdict(self)
+        data["payload"] = self.payload.decode("latin-1")
+        return orjson.dumps(data)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> JournalEntry:
-        fields = orjson.loads(raw)
-        fields["payload"] = fields["payload"].encode("latin-1")
-        return cls(**fields)
+        data = _known(cls, orjson.loads(raw))
+        data["payload"] = data["payload"].encode("latin-1")
+        return cls(**data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,4 +102,4 @@ class AuditRecord:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> AuditRecord:
-        return cls(**orjson.loads(raw))
+        return cls(**_known(cls, orjson.loads(raw)))

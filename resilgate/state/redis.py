@@ -33,12 +33,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
+from resilgate.logs import get_logger
 from resilgate.state.records import (
     FINISHED,
     AuditRecord,
@@ -48,14 +49,16 @@ from resilgate.state.records import (
     Verdict,
 )
 from resilgate.state.spool import Spool
-from resilgate.state.store import DuplicateTicket, StateStore, StoreUnavailable
+from resilgate.state.store import DuplicateTicket, StateStore, StoreUnavailable, check_block_size
 
 T = TypeVar("T")
+log = get_logger("resilgate.state")
 
 RECONNECT_MIN_S = 0.05
 RECONNECT_MAX_S = 1.0
 PUBSUB_PING_S = 1.0  # a silent subscription is pinged this often, to notice a dead link
 DRAIN_BATCH = 100
+MAX_CONNECTIONS = 32  # per process
 CLOSE_DRAIN_S = 2.0
 OPEN_STATES = ("accepted", "replaying")
 EXPIRY = struct.Struct(">d")
@@ -243,12 +246,17 @@ class RedisStore(StateStore):
     async def open(self) -> None:
         """Open the spool and connect; if Redis is down, start unreachable and keep trying."""
         await self._spool.open()
-        self._client = Redis.from_url(
+        # A bounded pool that waits (within the op timeout) for a free connection, instead of
+        # failing the moment a burst of operations outnumbers the connections.
+        pool = BlockingConnectionPool.from_url(
             self._url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=self._op_timeout_s,
             socket_timeout=self._op_timeout_s,
             socket_connect_timeout=self._op_timeout_s,
             retry=Retry(NoBackoff(), 0),  # a retry could run a journal append twice
         )
+        self._client = Redis.from_pool(pool)  # the client owns the pool and closes it
         client = self._client
         self._append = client.register_script(APPEND_LUA)
         self._get = client.register_script(GET_LUA)
@@ -367,6 +375,7 @@ class RedisStore(StateStore):
     # Counters and cache.
 
     async def take_block(self, scope: str, size: int) -> int:
+        check_block_size(size)
         last: int = await self._call(lambda: self._redis().hincrby(self._counters, scope, size))
         return last - size + 1
 
@@ -403,15 +412,24 @@ class RedisStore(StateStore):
                 if not seq:
                     raise DuplicateTicket(entry.ticket)
                 return replace(entry, seq=seq)
+        first = not self._spool.count
         try:
             await self._spool.add(entry)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"Redis unreachable and the spool failed: {exc}") from exc
+        if first:
+            log.warning("journal_spooling", spool=str(self._spool.path), error=self.last_error)
         self._spool_waiting.set()
         return replace(entry, seq=0)
 
     async def journal_get(self, ticket: str) -> JournalEntry | None:
-        rows = await self._call(lambda: self._get(keys=self._journal_keys, args=[ticket]))
+        try:
+            rows = await self._call(lambda: self._get(keys=self._journal_keys, args=[ticket]))
+        except StoreUnavailable:
+            spooled = await self._spool.get(ticket)  # what an outage spools is still findable
+            if spooled is None:
+                raise
+            return spooled
         found = _entries(rows)
         if found:
             return found[0]
@@ -590,6 +608,8 @@ class RedisStore(StateStore):
 
         await self._call(push)
         await self._spool.remove([row_id for row_id, _ in rows])
+        if not self._spool.count:
+            log.info("journal_spool_drained", spool=str(self._spool.path))
 
 
 async def _close(pubsub: PubSub) -> None:

@@ -44,13 +44,17 @@ class Spool:
     def __repr__(self) -> str:
         return f"<Spool {self.path} {self.count} waiting>"
 
+    def _slot_paths(self) -> list[Path]:
+        return [self.base] + [
+            self.base.with_name(f"{self.base.name}.{n}") for n in range(1, MAX_SLOTS)
+        ]
+
     def _take_slot(self) -> None:
         """Lock a spool file of our own: ``path`` for the first process, ``path.1``, ``path.2``
         for the next workers. One drainer per file keeps its entries in order; a restarted
         worker takes a free slot again and drains what its predecessor left."""
         self.base.parent.mkdir(parents=True, exist_ok=True)
-        for slot in range(MAX_SLOTS):
-            path = self.base if slot == 0 else self.base.with_name(f"{self.base.name}.{slot}")
+        for path in self._slot_paths():
             lock = path.with_name(path.name + ".lock").open("ab")
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -69,6 +73,7 @@ class Spool:
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute(SCHEMA)
             await db.commit()
+            await self._adopt_orphans(db)
             async with db.execute("SELECT count(*) FROM spool") as cursor:
                 row = await cursor.fetchone()
         except BaseException:
@@ -76,6 +81,40 @@ class Spool:
             raise
         self.count = row[0] if row else 0
         self._db = db
+
+    async def _adopt_orphans(self, db: aiosqlite.Connection) -> None:
+        """Take over the rows of spool files that no live process holds (after a restart with
+        fewer workers, nobody would take their slot again and they would never drain)."""
+        for path in self._slot_paths():
+            if path == self.path or not path.exists():
+                continue
+            lock = path.with_name(path.name + ".lock").open("ab")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue  # a live process drains it
+            try:
+                async with aiosqlite.connect(path) as orphan:
+                    try:
+                        async with orphan.execute(
+                            "SELECT ticket, entry FROM spool ORDER BY id"
+                        ) as cur:
+                            rows = [(row[0], row[1]) async for row in cur]
+                    except sqlite3.OperationalError:
+                        continue  # never used: no table
+                    if not rows:
+                        continue
+                    # Ours first (committed, fsynced), then gone from the orphan; a crash in
+                    # between leaves copies that INSERT OR IGNORE and Redis's ticket check absorb.
+                    await db.executemany(
+                        "INSERT OR IGNORE INTO spool (ticket, entry) VALUES (?, ?)", rows
+                    )
+                    await db.commit()
+                    await orphan.execute("DELETE FROM spool")
+                    await orphan.commit()
+            finally:
+                lock.close()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -94,10 +133,15 @@ class Spool:
                     "INSERT INTO spool (ticket, entry) VALUES (?, ?)",
                     (entry.ticket, entry.to_json()),
                 )
+                # Shielded: a cancelled caller must not leave the row in an open transaction
+                # that the next commit would make durable without an acknowledgement.
+                await asyncio.shield(db.commit())
             except sqlite3.IntegrityError:
                 await db.rollback()
                 raise DuplicateTicket(entry.ticket) from None
-            await db.commit()
+            except BaseException:
+                await asyncio.shield(db.rollback())
+                raise
             self.count += 1
 
     async def head(self, limit: int) -> list[tuple[int, JournalEntry]]:

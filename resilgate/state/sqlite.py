@@ -26,7 +26,7 @@ from resilgate.state.records import (
     JournalState,
     Verdict,
 )
-from resilgate.state.store import DuplicateTicket, StateStore, StoreUnavailable
+from resilgate.state.store import DuplicateTicket, StateStore, StoreUnavailable, check_block_size
 
 # Triggers bump one shared generation whenever a mode or verdict changes, so a watcher tells
 # those changes from the many other commits (counters, journal) with a single-row read.
@@ -201,6 +201,7 @@ class SqliteStore(StateStore):
         return moved
 
     async def take_block(self, scope: str, size: int) -> int:
+        check_block_size(size)
         ((last,),) = await self._query(
             "INSERT INTO counters VALUES (?, ?)"
             " ON CONFLICT (scope) DO UPDATE SET last = last + excluded.last RETURNING last",

@@ -15,6 +15,12 @@ class DuplicateTicket(Exception):
     """A journal entry with this ticket is already stored; it was not added again."""
 
 
+def check_block_size(size: int) -> None:
+    """A block of fewer than one number would hand out a number without reserving it."""
+    if size < 1:
+        raise ValueError(f"a counter block holds at least one number, not {size}")
+
+
 class StateStore(ABC):
     """Shared state of all workers (and, with Redis, all replicas).
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from collections.abc import Callable, Mapping
 
@@ -99,9 +100,12 @@ class StateView:
 async def trim_forever(
     store: StateStore, interval_s: float, audit_keep_s: float, journal_keep_s: float
 ) -> None:
-    """Apply retention every ``interval_s``; a failure is logged and tried next time."""
+    """Apply retention soon after start, then every ``interval_s`` (jittered, so the workers
+    of a fleet do not all trim at once); a failure is logged and tried next time."""
+    delay = random.uniform(5, 60)
     while True:
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(delay)
+        delay = interval_s * random.uniform(0.9, 1.1)
         try:
             removed = await store.trim(time.time(), audit_keep_s, journal_keep_s)
         except asyncio.CancelledError:

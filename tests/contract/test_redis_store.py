@@ -269,3 +269,26 @@ async def test_leases_expire_and_finished_entries_are_trimmed(
     now[0] += 60
     assert await store.cache_get("allergies") is None
     assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20) == 1
+
+
+async def test_spool_of_a_worker_that_does_not_come_back_is_drained(
+    redis_factory: Callable[..., RedisServer], open_store: OpenStore
+) -> None:
+    server = redis_factory()  # down while both workers spool
+    first = await open_store(server.url, "node")
+    second = await open_store(server.url, "node")  # same spool_path: takes the next slot
+    for n in range(3):
+        await first.journal_append(entry(f"A-{n}"))
+        await second.journal_append(entry(f"B-{n}"))
+    spooled = await second.journal_get("B-1")  # findable while Redis is down
+    assert spooled is not None and spooled.state == "accepted"
+    await first.close()
+    await second.close()
+
+    only = await open_store(server.url, "node")  # the node comes back with one worker
+    assert await only.spooled() == 6
+    await asyncio.to_thread(server.start)
+    await eventually(lambda: _spool_empty(only), 10, "the spool to drain")
+    listed = [e.ticket for e in await only.journal_list()]
+    assert sorted(listed) == ["A-0", "A-1", "A-2", "B-0", "B-1", "B-2"]
+    assert listed.index("B-0") < listed.index("B-1") < listed.index("B-2")

@@ -55,11 +55,13 @@ async def store(
     server = getattr(backend, "test_server", None)
     try:
         await backend.open()
-        yield backend
-        await backend.close()
+        try:
+            yield backend
+        finally:
+            await backend.close()
     finally:
         if server is not None:
-            server.stop()
+            server.close()
 
 
 def mode(target: str = "his", name: str = "dr", expires_at: float | None = None) -> ForcedMode:
