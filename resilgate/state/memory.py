@@ -117,14 +117,20 @@ class MemoryStore(StateStore):
                 break
         return claimed
 
-    async def journal_finish(self, ticket: str, state: JournalState, detail: str) -> None:
+    async def journal_finish(
+        self, ticket: str, owner: str, state: JournalState, detail: str
+    ) -> bool:
         entry = self._journal.get(ticket)
         if entry is None:
             raise KeyError(ticket)
+        holder = self._leases.get(ticket)
+        if holder is None or holder[0] != owner or ticket in self._finished_at:
+            return False
         self._journal[ticket] = replace(entry, state=state, detail=detail)
         self._leases.pop(ticket, None)
         if state in FINISHED:
             self._finished_at[ticket] = self._clock()
+        return True
 
     async def audit_append(self, record: AuditRecord) -> None:
         self._audit.append(record)

@@ -154,6 +154,9 @@ return out
 FINISH_LUA = """
 local t = ARGV[1]
 if redis.call('HEXISTS', KEYS[1], t) == 0 then return 0 end
+if redis.call('HGET', KEYS[7], t) ~= ARGV[6] or redis.call('ZSCORE', KEYS[9], t) then
+  return -1
+end
 redis.call('HSET', KEYS[2], t, ARGV[2])
 redis.call('HSET', KEYS[3], t, ARGV[3])
 redis.call('HDEL', KEYS[7], t)
@@ -453,11 +456,15 @@ class RedisStore(StateStore):
         rows = await self._call(lambda: self._claim(keys=self._journal_keys, args=args))
         return _entries(rows)
 
-    async def journal_finish(self, ticket: str, state: JournalState, detail: str) -> None:
-        args = [ticket, state, detail, "1" if state in FINISHED else "0", repr(self._clock())]
-        found = await self._call(lambda: self._finish(keys=self._journal_keys, args=args))
-        if not found:
+    async def journal_finish(
+        self, ticket: str, owner: str, state: JournalState, detail: str
+    ) -> bool:
+        finished = "1" if state in FINISHED else "0"
+        args = [ticket, state, detail, finished, repr(self._clock()), owner]
+        outcome = await self._call(lambda: self._finish(keys=self._journal_keys, args=args))
+        if outcome == 0:
             raise KeyError(ticket)
+        return bool(outcome == 1)
 
     # Audit and retention.
 

@@ -269,15 +269,21 @@ class SqliteStore(StateStore):
         # RETURNING gives rows in no promised order.
         return sorted((_entry(row) for row in rows), key=lambda entry: entry.seq)
 
-    async def journal_finish(self, ticket: str, state: JournalState, detail: str) -> None:
+    async def journal_finish(
+        self, ticket: str, owner: str, state: JournalState, detail: str
+    ) -> bool:
         finished_at = self._clock() if state in FINISHED else None
         rows = await self._query(
             "UPDATE journal SET state = ?, detail = ?, finished_at = ?,"
-            " lease_owner = NULL, lease_until = NULL WHERE ticket = ? RETURNING seq",
-            (state, detail, finished_at, ticket),
+            " lease_owner = NULL, lease_until = NULL"
+            " WHERE ticket = ? AND lease_owner = ? AND finished_at IS NULL RETURNING seq",
+            (state, detail, finished_at, ticket, owner),
         )
-        if not rows:
+        if rows:
+            return True
+        if not await self._query("SELECT 1 FROM journal WHERE ticket = ?", (ticket,)):
             raise KeyError(ticket)
+        return False
 
     async def audit_append(self, record: AuditRecord) -> None:
         await self._query(

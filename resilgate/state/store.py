@@ -102,8 +102,15 @@ class StateStore(ABC):
         entry claimed by one owner is not handed to another until its lease runs out."""
 
     @abstractmethod
-    async def journal_finish(self, ticket: str, state: JournalState, detail: str) -> None:
-        """Record how an entry ended (or went back to ``accepted`` to be retried)."""
+    async def journal_finish(
+        self, ticket: str, owner: str, state: JournalState, detail: str
+    ) -> bool:
+        """Record how ``owner``'s attempt ended (or hand the entry back as ``accepted``).
+
+        Applies only while ``owner`` holds the entry's lease and the entry is not finished;
+        returns False otherwise (a replayer whose lease ran out must not overwrite another's
+        result). KeyError for an unknown ticket.
+        """
 
     # Audit log.
 

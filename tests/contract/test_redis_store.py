@@ -256,10 +256,10 @@ async def test_leases_expire_and_finished_entries_are_trimmed(
         "J-1",
         "J-2",
     ]
-    await store.journal_finish("J-0", "applied", "201")
-    await store.journal_finish("J-1", "failed", "409")
+    await store.journal_finish("J-0", "gw-b", "applied", "201")
+    await store.journal_finish("J-1", "gw-b", "failed", "409")
     with pytest.raises(KeyError):
-        await store.journal_finish("J-9", "applied", "")
+        await store.journal_finish("J-9", "gw-b", "applied", "")
     await store.cache_put("allergies", b"x", ttl_s=60)
     now[0] += 10
     assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20) == 0

@@ -140,18 +140,34 @@ async def test_journal_claims_are_exclusive_until_the_lease_ends(
     assert [e.ticket for e in first] == ["J-0", "J-1", "J-2"]
     second = await store.journal_claim("gw-b", limit=3, lease_s=30)
     assert [e.ticket for e in second] == ["J-3"]
-    await store.journal_finish("J-0", "applied", "201 Created")
-    await store.journal_finish("J-1", "accepted", "503, will retry")  # released, not finished
+    assert await store.journal_finish("J-0", "gw-a", "applied", "201 Created")
+    assert await store.journal_finish("J-1", "gw-a", "accepted", "503, will retry")  # released
     third = await store.journal_claim("gw-b", limit=5, lease_s=30)
     assert [e.ticket for e in third] == ["J-1", "J-3"]
-    if store.backend != "redis":
-        clock.offset = 31  # gw-a's lease on J-2 ran out
-        fourth = await store.journal_claim("gw-b", limit=5, lease_s=30)
-        assert "J-2" in [e.ticket for e in fourth]
+    clock.offset = 31  # gw-a's lease on J-2 ran out
+    fourth = await store.journal_claim("gw-b", limit=5, lease_s=30)
+    assert "J-2" in [e.ticket for e in fourth]
     done = await store.journal_get("J-0")
     assert done is not None and (done.state, done.detail) == ("applied", "201 Created")
     unfinished = await store.journal_list(frozenset({"accepted", "replaying"}))
     assert "J-0" not in [e.ticket for e in unfinished]
+
+
+async def test_a_replayer_whose_lease_ran_out_cannot_overwrite_the_result(
+    store: StateStore, clock: FakeClock
+) -> None:
+    await store.journal_append(entry("J-0"))
+    assert [e.ticket for e in await store.journal_claim("gw-a", 1, lease_s=30)] == ["J-0"]
+    clock.offset = 31
+    assert [e.ticket for e in await store.journal_claim("gw-b", 1, lease_s=30)] == ["J-0"]
+    assert await store.journal_finish("J-0", "gw-b", "applied", "201 Created")
+    assert not await store.journal_finish("J-0", "gw-a", "accepted", "timeout, retry")
+    assert not await store.journal_finish("J-0", "gw-b", "failed", "late second answer")
+    done = await store.journal_get("J-0")
+    assert done is not None and (done.state, done.detail) == ("applied", "201 Created")
+    assert await store.journal_claim("gw-c", 5, lease_s=30) == []
+    with pytest.raises(KeyError):
+        await store.journal_finish("J-9", "gw-a", "applied", "")
 
 
 async def test_audit_newest_first(store: StateStore) -> None:
@@ -168,7 +184,8 @@ async def test_trim_keeps_unfinished_journal_entries(store: StateStore) -> None:
     await store.audit_append(AuditRecord(now, "ops", "mode.set", "new", "r"))
     await store.journal_append(entry("J-open", now - 100))
     await store.journal_append(entry("J-done", now - 100))
-    await store.journal_finish("J-done", "applied", "")
+    await store.journal_claim("gw-a", limit=5, lease_s=30)
+    await store.journal_finish("J-done", "gw-a", "applied", "")
     removed = await store.trim(now + 60, audit_keep_s=100, journal_keep_s=50)
     assert removed >= 2
     assert [r.target for r in await store.audit_list()] == ["new"]
