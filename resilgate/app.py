@@ -127,6 +127,7 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
                 config.state.trim_interval_s,
                 config.state.audit_retention_days * day,
                 config.state.journal_retention_days * day,
+                config.state.verdict_retention_s,
             )
         ),
     ]

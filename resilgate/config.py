@@ -80,6 +80,11 @@ class StateConfig(_Model):
     journal_retention_days: float = Field(
         30, gt=0, description="How long finished journal entries are kept (unfinished: always)."
     )
+    verdict_retention_s: float = Field(
+        86400,
+        gt=0,
+        description="Breaker verdicts not updated for this long are dropped (replicas that left).",
+    )
     trim_interval_s: float = Field(3600, gt=0, description="How often expired records are removed.")
 
     @model_validator(mode="after")

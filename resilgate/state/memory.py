@@ -138,11 +138,16 @@ class MemoryStore(StateStore):
     async def audit_list(self, limit: int = 100) -> list[AuditRecord]:
         return list(reversed(self._audit))[:limit]
 
-    async def trim(self, now: float, audit_keep_s: float, journal_keep_s: float) -> int:
-        before = len(self._audit) + len(self._journal) + len(self._cache)
+    async def trim(
+        self, now: float, audit_keep_s: float, journal_keep_s: float, verdict_keep_s: float
+    ) -> int:
+        before = len(self._audit) + len(self._journal) + len(self._cache) + len(self._verdicts)
         self._audit = [r for r in self._audit if r.at >= now - audit_keep_s]
         for ticket, finished in list(self._finished_at.items()):
             if finished < now - journal_keep_s:
                 del self._journal[ticket], self._finished_at[ticket]
         self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
-        return before - (len(self._audit) + len(self._journal) + len(self._cache))
+        self._verdicts = {k: v for k, v in self._verdicts.items() if v.at >= now - verdict_keep_s}
+        return before - (
+            len(self._audit) + len(self._journal) + len(self._cache) + len(self._verdicts)
+        )

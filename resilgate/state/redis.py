@@ -481,10 +481,19 @@ class RedisStore(StateStore):
         )
         return [AuditRecord.from_json(member[AUDIT_SEQ_WIDTH:]) for member in raw]
 
-    async def trim(self, now: float, audit_keep_s: float, journal_keep_s: float) -> int:
+    async def trim(
+        self, now: float, audit_keep_s: float, journal_keep_s: float, verdict_keep_s: float
+    ) -> int:
         keys = [*self._journal_keys, self._audit, self._cache_expiry]
         args = [repr(now - journal_keep_s), repr(now - audit_keep_s), repr(now)]
         removed: int = await self._call(lambda: self._trim(keys=keys, args=args))
+        stale = [
+            f"{v.endpoint}|{v.replica}"
+            for v in await self.load_verdicts()
+            if v.at < now - verdict_keep_s
+        ]
+        if stale:
+            removed += await self._call(lambda: self._redis().hdel(self._verdicts, *stale))
         return removed
 
     # Internals.

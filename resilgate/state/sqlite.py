@@ -299,7 +299,9 @@ class SqliteStore(StateStore):
         )
         return [AuditRecord(*row) for row in rows]
 
-    async def trim(self, now: float, audit_keep_s: float, journal_keep_s: float) -> int:
+    async def trim(
+        self, now: float, audit_keep_s: float, journal_keep_s: float, verdict_keep_s: float
+    ) -> int:
         # Unfinished journal entries have no finished_at, so they are never trimmed.
         gone = await self._query(
             "DELETE FROM audit WHERE at < ? RETURNING 1", (now - audit_keep_s,)
@@ -308,6 +310,9 @@ class SqliteStore(StateStore):
             "DELETE FROM journal WHERE finished_at < ? RETURNING 1", (now - journal_keep_s,)
         )
         gone += await self._query("DELETE FROM cache WHERE expires_at <= ? RETURNING 1", (now,))
+        gone += await self._query(
+            "DELETE FROM verdicts WHERE at < ? RETURNING 1", (now - verdict_keep_s,)
+        )
         return len(gone)
 
     async def _query(

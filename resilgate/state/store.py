@@ -124,6 +124,9 @@ class StateStore(ABC):
     # Retention.
 
     @abstractmethod
-    async def trim(self, now: float, audit_keep_s: float, journal_keep_s: float) -> int:
-        """Drop audit records and finished journal entries older than their retention, and
-        expired cache entries; return how many records went."""
+    async def trim(
+        self, now: float, audit_keep_s: float, journal_keep_s: float, verdict_keep_s: float
+    ) -> int:
+        """Drop audit records, finished journal entries and breaker verdicts older than their
+        retention (a replica that is gone leaves verdicts nobody updates), and expired cache
+        entries; return how many records went."""

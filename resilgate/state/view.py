@@ -98,7 +98,11 @@ class StateView:
 
 
 async def trim_forever(
-    store: StateStore, interval_s: float, audit_keep_s: float, journal_keep_s: float
+    store: StateStore,
+    interval_s: float,
+    audit_keep_s: float,
+    journal_keep_s: float,
+    verdict_keep_s: float,
 ) -> None:
     """Apply retention soon after start, then every ``interval_s`` (jittered, so the workers
     of a fleet do not all trim at once); a failure is logged and tried next time."""
@@ -107,7 +111,7 @@ async def trim_forever(
         await asyncio.sleep(delay)
         delay = interval_s * random.uniform(0.9, 1.1)
         try:
-            removed = await store.trim(time.time(), audit_keep_s, journal_keep_s)
+            removed = await store.trim(time.time(), audit_keep_s, journal_keep_s, verdict_keep_s)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

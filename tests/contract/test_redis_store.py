@@ -154,7 +154,7 @@ async def test_operations_fail_fast_while_redis_is_stopped_or_down(
         "journal_list": store.journal_list,
         "journal_claim": lambda: store.journal_claim("gw-a", 10, 30),
         "audit_append": lambda: store.audit_append(AuditRecord(now, "ops", "a", "t", "r")),
-        "trim": lambda: store.trim(now, 60, 60),
+        "trim": lambda: store.trim(now, 60, 60, 60),
     }
 
     async def all_fail_fast(state: str) -> float:
@@ -262,13 +262,13 @@ async def test_leases_expire_and_finished_entries_are_trimmed(
         await store.journal_finish("J-9", "gw-b", "applied", "")
     await store.cache_put("allergies", b"x", ttl_s=60)
     now[0] += 10
-    assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20) == 0
+    assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20, verdict_keep_s=3600) == 0
     now[0] += 11
-    assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20) == 2
+    assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20, verdict_keep_s=3600) == 2
     assert [e.ticket for e in await store.journal_list()] == ["J-2"]
     now[0] += 60
     assert await store.cache_get("allergies") is None
-    assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20) == 1
+    assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20, verdict_keep_s=3600) == 1
 
 
 async def test_spool_of_a_worker_that_does_not_come_back_is_drained(

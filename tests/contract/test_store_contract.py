@@ -186,7 +186,10 @@ async def test_trim_keeps_unfinished_journal_entries(store: StateStore) -> None:
     await store.journal_append(entry("J-done", now - 100))
     await store.journal_claim("gw-a", limit=5, lease_s=30)
     await store.journal_finish("J-done", "gw-a", "applied", "")
-    removed = await store.trim(now + 60, audit_keep_s=100, journal_keep_s=50)
-    assert removed >= 2
+    await store.put_verdict(Verdict("his/primary", "gw-gone", "open", now - 100))
+    await store.put_verdict(Verdict("his/primary", "gw-live", "closed", now + 50))
+    removed = await store.trim(now + 60, audit_keep_s=100, journal_keep_s=50, verdict_keep_s=50)
+    assert removed >= 3
+    assert [v.replica for v in await store.load_verdicts()] == ["gw-live"]
     assert [r.target for r in await store.audit_list()] == ["new"]
     assert [e.ticket for e in await store.journal_list()] == ["J-open"]
