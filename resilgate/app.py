@@ -113,9 +113,8 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
         await store.open()
     except Exception as exc:  # a bad URL, an unusable file, an unreachable SQLite
         raise StartupError(f"state ({config.state.backend}): {exc}") from exc
-    warning = await store.durability_warning()
-    if warning:
-        log.warning("state_store_not_durable", backend=store.backend, detail=warning)
+    if store.backend == "memory":
+        log.warning("state_store_memory", note="tests only: nothing is shared or kept")
     view = StateView(store, refresh_s=config.state.refresh_s)
     app[GATEWAY].state = view
     day = 86400.0

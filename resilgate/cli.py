@@ -33,6 +33,8 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
+    if config.state.backend == "memory":
+        print(f"warning: {args.config}: state.backend: memory is for tests only", file=sys.stderr)
     endpoints = sum(len(upstream.endpoints) for upstream in config.upstreams.values())
     print(
         f"{args.config}: ok ({len(config.upstreams)} upstreams, {endpoints} endpoints, "

@@ -34,6 +34,7 @@ class StateView:
         self.healthy: bool | None = None  # None until the first read
         self.error = ""
         self.refreshed_at = 0.0
+        self._durability_checked = False
 
     def __repr__(self) -> str:
         health = {None: "starting", True: "healthy", False: f"UNREACHABLE ({self.error})"}
@@ -54,7 +55,7 @@ class StateView:
         self.verdicts = tuple(await self.store.load_verdicts())
         now = self._clock()
         for target, mode in modes.items():
-            if self.modes.get(target) != mode:
+            if self.modes.get(target) != mode and mode.active(now):
                 log.info(
                     "mode_seen",
                     pid=os.getpid(),
@@ -68,10 +69,18 @@ class StateView:
         self.modes = modes
         self.refreshed_at = now
 
-    def _mark(self, healthy: bool, error: str = "") -> None:
+    async def _mark(self, healthy: bool, error: str = "") -> None:
         if healthy != self.healthy:
             if healthy:
                 log.info("state_store_ok", backend=self.store.backend)
+                if not self._durability_checked:
+                    # Checked once the store answers, also when it was down at start-up.
+                    self._durability_checked = True
+                    warning = await self.store.durability_warning()
+                    if warning:
+                        log.warning(
+                            "state_store_not_durable", backend=self.store.backend, detail=warning
+                        )
             else:
                 log.warning(
                     "state_store_unreachable",
@@ -89,11 +98,11 @@ class StateView:
                 if self.healthy:
                     await self.store.wait_for_change(self.refresh_s)
                 await self.refresh()
-                self._mark(True)
+                await self._mark(True)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any store failure: keep the last known state
-                self._mark(False, f"{type(exc).__name__}: {exc}"[:200])
+                await self._mark(False, f"{type(exc).__name__}: {exc}"[:200])
                 await asyncio.sleep(RETRY_S)
 
 

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -165,3 +166,19 @@ async def test_redis_outage_keeps_routing_and_loses_no_acknowledged_entry(
     assert routed["failed"] == 0
     assert routed["during_outage"] > 0
     print(f"routed during the Redis outage: {routed}")
+
+
+def test_gateway_warns_when_redis_would_lose_acknowledged_writes(
+    spawn: Spawner, tmp_path: Path, redis_factory: Callable[..., RedisServer]
+) -> None:
+    redis = redis_factory(persistence=("--appendonly", "no", "--save", ""))
+    redis.start()
+    echo = spawn.simulator("echo")
+    state = {"backend": "redis", "redis_url": redis.url, "spool_path": str(tmp_path / "s.db")}
+    gateway = start_gateway(spawn, {"echo": primary(echo.url())}, ROUTES, state=state)
+    warning = wait_until(
+        lambda: [r for r in gateway.log_records() if r.get("event") == "state_store_not_durable"],
+        5,
+        "the durability warning",
+    )
+    assert "appendonly" in warning[0]["detail"]
