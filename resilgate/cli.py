@@ -61,6 +61,21 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(config, args.port, args.ephemeral, args.workers, args.ready_file)
 
 
+def _mode(args: argparse.Namespace) -> int:
+    from resilgate.mode_cli import clear_mode, list_modes, run_mode, set_mode
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    if args.action == "set":
+        action = set_mode(args.target, args.mode, args.reason, args.actor, args.expires_in)
+    elif args.action == "clear":
+        action = clear_mode(args.target, args.reason, args.actor)
+    else:
+        action = list_modes()
+    return run_mode(config, action)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     options = SimulatorOptions(kind=args.kind, site=args.site, seed=args.seed)
     run_simulator(options, args.host, args.port, args.ready_file)
@@ -102,6 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ready_option(demo)
     demo.set_defaults(run=_demo)
+
+    from resilgate.mode_cli import default_actor
+
+    mode = verbs.add_parser("mode", help="force, clear or list modes in the state store")
+    config_option(mode)
+    actions = mode.add_subparsers(dest="action", required=True)
+    force = actions.add_parser("set", help="force an upstream or route into a mode")
+    force.add_argument("target", help="upstream or route name")
+    force.add_argument("mode", choices=["primary", "dr", "fallback", "maintenance"])
+    force.add_argument("--reason", required=True, help="why (kept in the audit log)")
+    force.add_argument("--expires-in", type=float, help="seconds until auto returns")
+    force.add_argument("--actor", default=default_actor(), help="who (default: cli:<user>)")
+    clear = actions.add_parser("clear", help="back to auto")
+    clear.add_argument("target")
+    clear.add_argument("--reason", required=True)
+    clear.add_argument("--actor", default=default_actor())
+    actions.add_parser("list", help="modes in force")
+    mode.set_defaults(run=_mode)
 
     simulate = verbs.add_parser("simulate", help="run one simulated hospital upstream")
     simulate.add_argument("kind", choices=SIMULATOR_KINDS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -11,9 +13,8 @@ from pathlib import Path
 
 import aiohttp
 
-from resilgate.state.records import ForcedMode, JournalEntry
-from resilgate.state.store import StateStore
-from tests.conftest import ServerProcess, Spawner, wait_until
+from resilgate.state.records import JournalEntry
+from tests.conftest import REPO, ServerProcess, Spawner, wait_until
 from tests.gateway import primary, start_gateway
 from tests.redis_server import RedisServer
 
@@ -29,12 +30,26 @@ def seen_lags(gateway: ServerProcess, target: str) -> dict[int, float]:
     }
 
 
-async def put_mode_and_measure(
-    store: StateStore, gateways: list[ServerProcess], workers_each: int
+def resilgate_mode(config: Path, *args: str) -> str:
+    """Run ``resilgate mode ...`` the way ops would, against a gateway's own config."""
+    result = subprocess.run(
+        [sys.executable, "-m", "resilgate", "mode", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+async def set_mode_and_measure(
+    config: Path, gateways: list[ServerProcess], workers_each: int
 ) -> list[float]:
     target = f"his-{uuid.uuid4().hex[:6]}"
-    await store.put_mode(
-        ForcedMode(target, "dr", "drill: primary DC switch", "ops:test", time.time())
+    await asyncio.to_thread(
+        resilgate_mode, config, "set", target, "dr", "--reason", "drill: primary DC switch"
     )
     await asyncio.to_thread(
         wait_until,
@@ -59,20 +74,42 @@ async def test_mode_reaches_every_sqlite_worker_within_a_second(
         workers=2,
         state={"backend": "sqlite", "path": str(db)},
     )
+    config = spawn.tmp_path / "gateway.yaml"
+    lags = await set_mode_and_measure(config, [gateway], workers_each=2)
+    print(f"sqlite, 2 workers: mode seen after {sorted(lags)} ms")
+    assert max(lags) < 1000
+
+    listed = await asyncio.to_thread(resilgate_mode, config, "list")
+    assert "\tdr\tuntil cleared\tcli:" in listed
+    target = listed.split("\t", 1)[0]
+    await asyncio.to_thread(resilgate_mode, config, "clear", target, "--reason", "drill over")
+    await asyncio.to_thread(
+        wait_until,
+        lambda: (
+            sum(
+                r.get("event") == "mode_cleared_seen" and r.get("target") == target
+                for r in gateway.log_records()
+            )
+            == 2
+        ),
+        5,
+        "both workers to see the mode cleared",
+    )
     store = SqliteStore(db)
     await store.open()
     try:
-        lags = await put_mode_and_measure(store, [gateway], workers_each=2)
+        audit = await store.audit_list()
     finally:
         await store.close()
-    print(f"sqlite, 2 workers: mode seen after {sorted(lags)} ms")
-    assert max(lags) < 1000
+    assert [(a.action, a.target, a.reason) for a in audit[:2]] == [
+        ("mode.clear", target, "drill over"),
+        ("mode.set", target, "drill: primary DC switch"),
+    ]
 
 
 async def test_mode_reaches_every_redis_replica_within_a_second(
     spawn: Spawner, tmp_path: Path
 ) -> None:
-    from resilgate.state.redis import RedisStore
 
     redis = RedisServer(tmp_path / "redis")
     redis.start()
@@ -83,12 +120,8 @@ async def test_mode_reaches_every_redis_replica_within_a_second(
             start_gateway(spawn, {"echo": primary(echo.url())}, ROUTES, name=f"gw-{n}", state=state)
             for n in range(2)
         ]
-        store = RedisStore(redis.url, spool_path=tmp_path / "test-spool.db")
-        await store.open()
-        try:
-            lags = await put_mode_and_measure(store, replicas, workers_each=1)
-        finally:
-            await store.close()
+        # through replica gw-0's config; seen by gw-0 and gw-1
+        lags = await set_mode_and_measure(spawn.tmp_path / "gw-0.yaml", replicas, workers_each=1)
     finally:
         redis.stop()
     print(f"redis, 2 replicas: mode seen after {sorted(lags)} ms")
