@@ -19,6 +19,11 @@ from resilgate.state.factory import make_store
 from resilgate.state.records import AuditRecord, ForcedMode, ModeName
 from resilgate.state.store import StateStore, StoreUnavailable
 
+NOT_YET = (
+    "note: this version records, audits and propagates modes; the request path does not act "
+    "on them until the mode gate lands with DR failover"
+)
+
 
 def default_actor() -> str:
     return f"cli:{getpass.getuser()}"
@@ -49,6 +54,7 @@ async def _set(
     detail = f"mode={mode}" + (f" expires_in_s={expires_in:g}" if expires_in else "")
     await store.audit_append(AuditRecord(now, actor, "mode.set", target, reason, detail))
     print(f"{target}: {mode} ({reason})")
+    print(NOT_YET, file=sys.stderr)
     return 0
 
 
