@@ -199,6 +199,11 @@ class Supervisor:
             event = "stopped_during_startup" if self._stopping else "workers_failed_to_start"
             log.error(event, workers=self.count, port=port)
             self._stop_all(reserved)
+            if not self._stopping:
+                print(
+                    "error: workers failed to start (the cannot_start lines say why)",
+                    file=sys.stderr,
+                )
             return 1
         if self.ready_file is not None:
             write_ready_file(self.ready_file, {"public": port})

@@ -247,3 +247,37 @@ async def test_dead_worker_is_replaced(spawn: Spawner) -> None:
         for _ in range(20):
             async with client.get(gateway.url() + "/echo/after") as resp:
                 assert resp.status == 200
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unusable_state_file_stops_start_up_with_the_reason(
+    spawn: Spawner, tmp_path: Path, workers: int
+) -> None:
+    echo = spawn.simulator("echo")
+    (tmp_path / "not-a-dir").write_text("")
+    config = write_config(
+        tmp_path / "bad-state.yaml",
+        {"echo": primary(echo.url())},
+        [{"name": "all", "upstream": "echo", "match": {"path_prefix": "/"}}],
+        state={"backend": "sqlite", "path": str(tmp_path / "not-a-dir" / "state.db")},
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resilgate",
+            "serve",
+            "--config",
+            str(config),
+            "--workers",
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "not-a-dir" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
