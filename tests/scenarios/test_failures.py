@@ -179,6 +179,27 @@ async def test_long_fhir_search_passes_and_oversized_line_leaks_nothing(
     assert "p-10099" not in stack.log_path.read_text()
 
 
+def serve_once(config: Path, workers: int) -> subprocess.CompletedProcess[str]:
+    """``resilgate serve`` expected to give up at start-up."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "resilgate",
+            "serve",
+            "--config",
+            str(config),
+            "--workers",
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_second_gateway_on_a_taken_port_fails_clearly(spawn: Spawner, tmp_path: Path) -> None:
     echo = spawn.simulator("echo")
     routes = [{"name": "all", "upstream": "echo", "match": {"path_prefix": "/"}}]
@@ -190,23 +211,7 @@ def test_second_gateway_on_a_taken_port_fails_clearly(spawn: Spawner, tmp_path: 
             routes,
             listeners={"public": {"host": "127.0.0.1", "port": first.port()}},
         )
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "resilgate",
-                "serve",
-                "--config",
-                str(config),
-                "--workers",
-                str(workers),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
-            check=False,
-        )
+        result = serve_once(config, workers)
         assert result.returncode == 1
         assert f"listeners.public (127.0.0.1:{first.port()}): address already in use" in (
             result.stderr
@@ -261,23 +266,7 @@ def test_unusable_state_file_stops_start_up_with_the_reason(
         [{"name": "all", "upstream": "echo", "match": {"path_prefix": "/"}}],
         state={"backend": "sqlite", "path": str(tmp_path / "not-a-dir" / "state.db")},
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "resilgate",
-            "serve",
-            "--config",
-            str(config),
-            "--workers",
-            str(workers),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=False,
-    )
+    result = serve_once(config, workers)
     assert result.returncode == 1
     assert "not-a-dir" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
