@@ -76,6 +76,12 @@ def _appended(existing: str | None, value: str) -> str:
     return f"{existing}, {value}" if existing else value
 
 
+def _joined(raw: RawHeaders, name: bytes) -> str | None:
+    """All values of a (repeatable) header as one comma-separated value, or None."""
+    values = [v.decode("latin-1") for k, v in raw if k.lower() == name]
+    return ", ".join(values) or None
+
+
 def upstream_request_headers(
     raw: RawHeaders,
     *,
@@ -85,16 +91,15 @@ def upstream_request_headers(
     request_id: str,
 ) -> CIMultiDict[str]:
     """Headers to send upstream: end-to-end ones plus forwarding facts and the request id."""
-    original = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
     headers = end_to_end(raw, _REWRITTEN | {"x-request-id"})
-    forwarded_for = ", ".join(original.getall("X-Forwarded-For", [])) or None
+    forwarded_for = _joined(raw, b"x-forwarded-for")
     if client_ip:
         headers["X-Forwarded-For"] = _appended(forwarded_for, client_ip)
     elif forwarded_for:
         headers["X-Forwarded-For"] = forwarded_for
     headers["X-Forwarded-Proto"] = scheme
     headers["X-Forwarded-Host"] = host
-    headers["Via"] = _appended(", ".join(original.getall("Via", [])) or None, VIA_TOKEN)
+    headers["Via"] = _appended(_joined(raw, b"via"), VIA_TOKEN)
     headers[REQUEST_ID] = request_id
     return headers
 
@@ -102,8 +107,7 @@ def upstream_request_headers(
 def client_response_headers(raw: RawHeaders, request_id: str, served_by: str) -> CIMultiDict[str]:
     """Headers to return to the client from an upstream response."""
     headers = end_to_end(raw, frozenset({"via", "x-request-id", "x-resilgate-upstream"}))
-    original_via = ", ".join(v.decode("latin-1") for k, v in raw if k.lower() == b"via")
-    headers["Via"] = _appended(original_via or None, VIA_TOKEN)
+    headers["Via"] = _appended(_joined(raw, b"via"), VIA_TOKEN)
     headers[REQUEST_ID] = request_id
     headers[UPSTREAM] = served_by
     return headers

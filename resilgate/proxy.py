@@ -38,7 +38,6 @@ SERVED_BY = web.RequestKey("served_by", str)
 # How an exchange ended when its status alone does not say: "truncated" (the upstream broke
 # mid-body), "client_gone" (the client left first), or an upstream failure's cause.
 OUTCOME = web.RequestKey("outcome", str)
-_BODY = web.RequestKey("buffered_body", bytes)
 # Answers up to this size are read whole and sent in one write; larger ones stream.
 SMALL_BODY_BYTES = 64 * 1024
 
@@ -88,8 +87,8 @@ async def _send_continue(request: web.Request) -> None:
 
 async def _read_for_matching(
     request: web.Request, route: Route, timeout_s: float
-) -> Mapping[str, Any]:
-    """Read a small body to match on; returns its JSON object (empty when it is not one)."""
+) -> tuple[bytes, Mapping[str, Any]]:
+    """Read a small body to match on; returns it and its JSON object (empty if not one)."""
     cap = route.body_read_cap_bytes
     too_large = RequestBodyTooLarge(
         f"a body over {cap} bytes cannot be inspected by route {route.name!r} "
@@ -111,12 +110,11 @@ async def _read_for_matching(
     except TimeoutError as exc:
         raise ClientTooSlow(f"request body not received within {timeout_s}s") from exc
     body = b"".join(chunks)
-    request[_BODY] = body
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
+        return body, {}
+    return body, value if isinstance(value, dict) else {}
 
 
 class _StreamedBody:
@@ -152,11 +150,12 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
     host = host_without_port(request.host)
     path = request.path
 
+    body: bytes | None = None
     fields: Mapping[str, Any] | None = None
     body_route = gateway.routes.body_route(method, host, path)
     if body_route is not None:
         timeout_s = gateway.config.client_body_timeout_s
-        fields = await _read_for_matching(request, body_route, timeout_s)
+        body, fields = await _read_for_matching(request, body_route, timeout_s)
 
     route = gateway.routes.match(method, host, path, fields)
     if route is None:
@@ -164,7 +163,6 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
     request[ROUTE] = route
 
     limit = route.max_body_bytes
-    body = request.get(_BODY)
     if (request.content_length or 0) > limit or (body is not None and len(body) > limit):
         raise RequestBodyTooLarge(f"request body over {limit} bytes", limit=limit)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import orjson
 
@@ -19,8 +19,21 @@ def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in data.items() if key in names}
 
 
+class _JsonRecord:
+    """JSON in and out for the record dataclasses below."""
+
+    __slots__ = ()
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Self:
+        return cls(**_known(cls, orjson.loads(raw)))
+
+
 @dataclass(frozen=True, slots=True)
-class ForcedMode:
+class ForcedMode(_JsonRecord):
     """An ops decision about an upstream or a route, with who, why and until when."""
 
     target: str
@@ -33,16 +46,9 @@ class ForcedMode:
     def active(self, now: float) -> bool:
         return self.expires_at is None or now < self.expires_at
 
-    def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> ForcedMode:
-        return cls(**_known(cls, orjson.loads(raw)))
-
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(_JsonRecord):
     """One replica's breaker state for one endpoint (``upstream/endpoint``)."""
 
     endpoint: str
@@ -50,16 +56,9 @@ class Verdict:
     state: BreakerState
     at: float
 
-    def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> Verdict:
-        return cls(**_known(cls, orjson.loads(raw)))
-
 
 @dataclass(frozen=True, slots=True)
-class JournalEntry:
+class JournalEntry(_JsonRecord):
     """A write accepted while its upstream could not take it; replayed later, exactly once.
 
     ``payload`` is opaque to the store (the journal fallback decides its shape); ``seq`` is the
@@ -80,14 +79,14 @@ class JournalEntry:
         return orjson.dumps(data)
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> JournalEntry:
+    def from_json(cls, raw: bytes | str) -> Self:
         data = _known(cls, orjson.loads(raw))
         data["payload"] = data["payload"].encode("latin-1")
         return cls(**data)
 
 
 @dataclass(frozen=True, slots=True)
-class AuditRecord:
+class AuditRecord(_JsonRecord):
     """Who changed what, when and why."""
 
     at: float
@@ -96,10 +95,3 @@ class AuditRecord:
     target: str
     reason: str
     detail: str = ""
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> AuditRecord:
-        return cls(**_known(cls, orjson.loads(raw)))
