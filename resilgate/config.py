@@ -112,11 +112,196 @@ class Endpoint(_Model):
         return url
 
 
+class FailureBody(_Model):
+    """How a failure of the upstream is read from an answer's body (DOMAIN.md sections 3, 7)."""
+
+    format: Literal["insurance_envelope", "fhir"] = Field(
+        description='`insurance_envelope`: `infcode` other than "0" whose `err_msg` names a '
+        "platform error; `fhir`: an `OperationOutcome` with an error of a transient kind "
+        "(exception, timeout, throttled, lock-error, no-store, incomplete)."
+    )
+    platform_error_markers: list[str] = Field(
+        default_factory=lambda: [
+            "系统异常",
+            "系统繁忙",
+            "服务繁忙",
+            "服务不可用",
+            "超时",
+            "数据库",
+            "platform error",
+            "system error",
+            "timed out",
+            "unavailable",
+        ],
+        description="Texts in `err_msg` that mark a platform error; any other `infcode` is a "
+        "business answer (not insured, suspended, bad input) and not a failure.",
+    )
+
+
+FailureStatus = Annotated[int, Field(ge=500, le=599)]
+
+
+class Breaker(_Model):
+    """When an endpoint's circuit breaker opens, how long it stays open, how it closes again."""
+
+    failure_statuses: list[FailureStatus] = Field(
+        default_factory=lambda: [500, 502, 503, 504],
+        description="Answer statuses that count as a failure of the endpoint (5xx only: a 4xx "
+        "is the client's problem). Connection errors and timeouts always count.",
+    )
+    consecutive_failures: int = Field(
+        5, ge=1, description="Open after this many failures in a row."
+    )
+    window_s: float = Field(
+        10.0, gt=0, le=300, description="Sliding window for the failure and slow-call rates."
+    )
+    min_calls: int = Field(
+        20, ge=1, description="Calls the window must hold before a rate can open the breaker."
+    )
+    failure_rate: float = Field(
+        0.5, gt=0, le=1, description="Open when this share of the window's calls failed."
+    )
+    slow_call_s: float = Field(
+        5.0, gt=0, description="A call slower than this (to the answer's headers) is slow."
+    )
+    slow_call_rate: float = Field(
+        0.8, gt=0, le=1, description="Open when this share of the window's calls was slow."
+    )
+    open_s: float = Field(5.0, gt=0, description="Time the breaker stays open the first time.")
+    max_open_s: float = Field(
+        120.0, gt=0, description="Cap of the open time, which doubles on each repeated opening."
+    )
+    open_jitter: float = Field(
+        0.2, ge=0, lt=1, description="Random share added to or taken from each open time."
+    )
+    half_open_trials: int = Field(
+        2, ge=1, description="Trial requests let through at a time while half-open."
+    )
+    close_after: int = Field(
+        3, ge=1, description="Successful trials in a row that close the breaker again."
+    )
+    quorum: int = Field(
+        2,
+        ge=1,
+        description="Replicas whose breaker must be open before a replica that sees no "
+        "failures itself stops using the endpoint (its own breaker still decides on its own).",
+    )
+    verdict_fresh_s: float = Field(
+        120.0, gt=0, description="A replica's open verdict older than this no longer counts."
+    )
+
+    @model_validator(mode="after")
+    def _open_cap(self) -> Breaker:
+        if self.max_open_s < self.open_s:
+            raise ValueError("max_open_s must be at least open_s")
+        return self
+
+
+class HttpCheck(_Model):
+    """An active HTTP check of an endpoint."""
+
+    method: HttpMethod = Field("GET", description="Request method.")
+    path: str = Field("/health", pattern=r"^/", description="Path on the endpoint.")
+    expect_status: int = Field(200, ge=100, le=599, description="Status of a passing check.")
+    interval_s: float = Field(2.0, gt=0, description="Time between two checks.")
+    timeout_s: float = Field(1.0, gt=0, description="A check slower than this fails.")
+    rise: int = Field(2, ge=1, description="Passing checks in a row that mark the endpoint up.")
+    fall: int = Field(3, ge=1, description="Failing checks in a row that mark it down.")
+
+
+class SyntheticCheck(HttpCheck):
+    """A transaction acting like a test patient, e.g. reading `Patient/test-0001`.
+
+    In `body`, `{msgid_time}` becomes the time as `yyyyMMddHHmmss`, `{seq4}` a 4-digit
+    sequence number and `{inf_time}` the time as `yyyy-MM-dd HH:mm:ss`.
+    """
+
+    path: str = Field(pattern=r"^/", description="Path of the transaction on the endpoint.")
+    interval_s: float = Field(10.0, gt=0, description="Time between two transactions.")
+    timeout_s: float = Field(3.0, gt=0, description="A transaction slower than this fails.")
+    rise: int = Field(1, ge=1, description="Passing transactions in a row that mark it up.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Request headers.")
+    body: str | None = Field(None, description="Request body text (a template, see above).")
+    failure_body: FailureBody | None = Field(
+        None, description="How to read a failure from the body of an answer with the status."
+    )
+
+
+class Probes(_Model):
+    """Active checks of every endpoint of an upstream, apart from real traffic."""
+
+    http: HttpCheck | None = Field(
+        default_factory=HttpCheck, description="HTTP check; `null` turns it off."
+    )
+    synthetic: SyntheticCheck | None = Field(
+        None, description="Synthetic transaction with a test patient; off when unset."
+    )
+
+
+class Failback(_Model):
+    """How traffic returns to a recovered endpoint."""
+
+    hold_down_s: float = Field(
+        30.0, ge=0, description="Time an endpoint must stay healthy before traffic returns."
+    )
+    ramp_s: float = Field(
+        30.0, ge=0, description="Time over which its share of traffic ramps up to all of it."
+    )
+    ramp_start: float = Field(
+        0.1, gt=0, le=1, description="Share of traffic it gets when the ramp starts."
+    )
+
+
+class Stall(_Model):
+    """Telling a stopped endpoint (connections accepted, no answers) before timeouts do."""
+
+    enabled: bool = Field(True, description="Detect stalls and hedge around them.")
+    factor: float = Field(
+        10.0,
+        ge=1,
+        description="Stalled when nothing answered for this many times the recent "
+        "slow-end latency ...",
+    )
+    floor_s: float = Field(0.05, gt=0, description="... and for at least this long ...")
+    min_pending: int = Field(
+        3, ge=1, description="... while at least this many requests were waiting."
+    )
+
+
+class RetryBudget(_Model):
+    """Bounds retries and hedges, so a failure never multiplies the load."""
+
+    ratio: float = Field(
+        0.2, ge=0, le=1, description="Retries allowed as a share of requests in the window."
+    )
+    min_per_s: float = Field(
+        3.0, ge=0, description="Retries allowed per second even with little traffic."
+    )
+    window_s: float = Field(10.0, gt=0, le=300, description="Window the share is counted over.")
+
+
 class Upstream(_Model):
     """A hospital system served by one or more endpoints."""
 
     endpoints: list[Endpoint] = Field(
         min_length=1, description="The sites that can serve this upstream."
+    )
+    breaker: Breaker = Field(
+        default_factory=Breaker, description="Circuit breaker of each endpoint."
+    )
+    probes: Probes = Field(default_factory=Probes, description="Active checks of each endpoint.")
+    failback: Failback = Field(
+        default_factory=Failback, description="Return of traffic to a recovered endpoint."
+    )
+    stall: Stall = Field(default_factory=Stall, description="Stall detection and hedging.")
+    retry_budget: RetryBudget = Field(
+        default_factory=RetryBudget, description="Bound on retries and hedges."
+    )
+    max_in_flight: int = Field(
+        256,
+        ge=1,
+        description="Bulkhead: requests in flight per endpoint and worker; beyond it the next "
+        "endpoint is used, or the request fails fast.",
     )
 
     @model_validator(mode="after")
@@ -189,6 +374,16 @@ class Route(_Model):
     )
     body_read_cap_bytes: int = Field(
         64 * 1024, ge=1, description="Most body bytes read to evaluate `match.body`."
+    )
+    retries: Literal["by_method", "safe", "never"] = Field(
+        "by_method",
+        description="`by_method`: GET, HEAD, OPTIONS, PUT, DELETE and a POST with "
+        "`Idempotency-Key` are retried on the next endpoint; `safe`: every call of the route "
+        "commits nothing (e.g. insurance trial 2206); `never`: the call commits money and is "
+        "never sent twice once it may have reached an endpoint.",
+    )
+    failure_body: FailureBody | None = Field(
+        None, description="Read failures from the body of answers (insurance, FHIR)."
     )
 
 
