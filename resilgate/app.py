@@ -21,6 +21,7 @@ from resilgate.proxy import (
     REQUEST_ID,
     ROUTE,
     SERVED_BY,
+    TRIES,
     Gateway,
     defer_expect,
     proxy_request,
@@ -33,12 +34,14 @@ log = get_logger("resilgate.access")
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 
 
-def _error_response(status: int, body: dict[str, str | int], request_id: str) -> web.Response:
+def _error_response(
+    status: int, body: dict[str, str | int], request_id: str, retry_after_s: int | None = None
+) -> web.Response:
+    headers = {REQUEST_ID_HEADER: request_id}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
     return web.Response(
-        status=status,
-        body=orjson.dumps(body),
-        content_type="application/json",
-        headers={REQUEST_ID_HEADER: request_id},
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
     )
 
 
@@ -49,7 +52,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     except GatewayError as exc:
         request_id = request.get(REQUEST_ID) or request.app[REQUEST_IDS](None)
-        return _error_response(exc.status, exc.body(request_id), request_id)
+        return _error_response(exc.status, exc.body(request_id), request_id, exc.retry_after_s)
     except web.HTTPException:
         raise
     except Exception:
@@ -95,6 +98,7 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
             route=route.name if route else None,
             criticality=route.criticality if route else None,
             upstream=request.get(SERVED_BY),
+            tries=request.get(TRIES),
             status=status,
             outcome=request.get(OUTCOME),
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
@@ -120,6 +124,7 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     day = 86400.0
     tasks = [
         asyncio.create_task(view.run()),
+        asyncio.create_task(app[GATEWAY].fleet.run(view)),
         asyncio.create_task(
             trim_forever(
                 store,

@@ -13,6 +13,7 @@ class GatewayError(Exception):
 
     status = 500
     code = "internal_error"
+    retry_after_s: int | None = None  # sent as ``Retry-After`` when set
 
     def __init__(self, message: str, **details: str | int) -> None:
         super().__init__(message)
@@ -80,3 +81,19 @@ class UpstreamBroken(UpstreamError):
 
     status = 502
     code = "upstream_broken"
+
+
+class NoEndpoint(GatewayError):
+    """No endpoint of the upstream may take the request now: all down, fenced or full."""
+
+    status = 503
+    code = "no_endpoint_available"
+    retry_after_s = 10
+
+
+class UpstreamInMaintenance(GatewayError):
+    """Ops took the upstream or route out of service (mode ``maintenance`` or ``fallback``)."""
+
+    status = 503
+    code = "upstream_in_maintenance"
+    retry_after_s = 60

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,17 +18,26 @@ from resilgate.config import Config, Route
 from resilgate.errors import (
     ClientGone,
     ClientTooSlow,
+    GatewayError,
+    NoEndpoint,
     NoRoute,
     RequestBodyTooLarge,
     UpstreamBroken,
     UpstreamConnectTimeout,
     UpstreamError,
+    UpstreamInMaintenance,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from resilgate.failure_body import body_failure
+from resilgate.fleet import Fleet
 from resilgate.headers import client_response_headers, upstream_request_headers
+from resilgate.health import EndpointHealth, UpstreamRuntime
 from resilgate.logs import get_logger
+from resilgate.metrics import Metrics
 from resilgate.routes import RouteTable, host_without_port
+from resilgate.selection import plan
+from resilgate.state.records import ModeName
 from resilgate.state.view import StateView
 from resilgate.upstream import Cluster, Endpoint, clusters_from
 
@@ -38,8 +49,15 @@ SERVED_BY = web.RequestKey("served_by", str)
 # How an exchange ended when its status alone does not say: "truncated" (the upstream broke
 # mid-body), "client_gone" (the client left first), or an upstream failure's cause.
 OUTCOME = web.RequestKey("outcome", str)
+TRIES = web.RequestKey("tries", int)
 # Answers up to this size are read whole and sent in one write; larger ones stream.
 SMALL_BODY_BYTES = 64 * 1024
+# Bodies of retryable requests up to this size are kept, so a retry can send them again.
+RESEND_BODY_BYTES = 1024 * 1024
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+KEYED_METHODS = frozenset({"POST", "PATCH"})
+IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
 @dataclass
@@ -50,8 +68,10 @@ class Gateway:
     routes: RouteTable
     clusters: Mapping[str, Cluster]
     timeouts: Mapping[str, aiohttp.ClientTimeout]
+    fleet: Fleet
     session: aiohttp.ClientSession | None = field(default=None)
     state: StateView | None = field(default=None)
+    rng: random.Random = field(default_factory=random.Random)
 
     @classmethod
     def from_config(cls, config: Config) -> Gateway:
@@ -61,7 +81,9 @@ class Gateway:
             )
             for route in config.routes
         }
-        return cls(config, RouteTable(config.routes), clusters_from(config), timeouts)
+        clusters = clusters_from(config)
+        fleet = Fleet(config, clusters, Metrics())
+        return cls(config, RouteTable(config.routes), clusters, timeouts, fleet)
 
     def __repr__(self) -> str:
         return f"<Gateway {self.routes!r} upstreams={sorted(self.clusters)}>"
@@ -125,8 +147,10 @@ class _StreamedBody:
         self._limit = limit
         self.exceeded = False
         self.client_failed = False
+        self.started = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        self.started = True
         seen = 0
         while True:
             try:
@@ -143,8 +167,19 @@ class _StreamedBody:
             yield chunk
 
 
+def may_retry(route: Route, method: str, headers: Mapping[str, str]) -> bool:
+    """Whether the request may be sent again to another endpoint after it may have reached one.
+
+    By method (GET, HEAD, OPTIONS, PUT, DELETE, and a POST or PATCH with ``Idempotency-Key``)
+    unless the route says its calls are ``safe`` (commit nothing) or ``never`` (commit money).
+    """
+    if route.retries != "by_method":
+        return route.retries == "safe"
+    return method in IDEMPOTENT_METHODS or (method in KEYED_METHODS and IDEMPOTENCY_KEY in headers)
+
+
 async def proxy_request(request: web.Request) -> web.StreamResponse:
-    """The one handler of the public listener."""
+    """The one handler of the public listener: route -> mode gate -> endpoints -> attempts."""
     gateway = request.app[GATEWAY]
     method = request.method
     host = host_without_port(request.host)
@@ -166,93 +201,353 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
     if (request.content_length or 0) > limit or (body is not None and len(body) > limit):
         raise RequestBodyTooLarge(f"request body over {limit} bytes", limit=limit)
 
-    endpoint = gateway.clusters[route.upstream].choose()
+    forced = _mode_gate(gateway, route)
+    retry = may_retry(route, method, request.headers)
     if body is None:
         await _send_continue(request)
-    return await _forward(request, gateway, route, endpoint, body)
+        length = request.content_length
+        if retry and request.body_exists and length is not None and length <= RESEND_BODY_BYTES:
+            # Kept so it can be sent again to the next endpoint.
+            body = await _read_whole(request, gateway.config.client_body_timeout_s)
+
+    runtime = gateway.fleet.runtimes[route.upstream]
+    runtime.budget.note_request()
+    now = time.monotonic()
+    order = plan(
+        [health.candidate(now) for health in runtime.endpoints],
+        write=method not in READ_METHODS and route.retries != "safe",
+        forced=forced,
+        draw=gateway.rng.random(),
+    )
+    if not order:
+        gateway.fleet.metrics.no_endpoint.labels(route.name).inc()
+        down = "; ".join(
+            f"{h.endpoint.label}: {h.why_down() or 'holding down or busy'}"
+            for h in runtime.endpoints
+        )
+        raise NoEndpoint(f"no endpoint of {route.upstream} can take this request ({down})")
+    return await _exchange(request, gateway, route, runtime, order, body, retry)
 
 
-async def _forward(
+def _mode_gate(gateway: Gateway, route: Route) -> ModeName | None:
+    """The ops-forced mode of the route, else of its upstream; maintenance stops here."""
+    view = gateway.state
+    if view is None or not view.modes:
+        return None
+    forced = view.mode_of(route.name) or view.mode_of(route.upstream)
+    if forced is None:
+        return None
+    if forced.mode in ("maintenance", "fallback"):
+        raise UpstreamInMaintenance(
+            f"{forced.target} is in {forced.mode} mode: {forced.reason}",
+            mode=forced.mode,
+            set_by=forced.actor,
+        )
+    return None if forced.mode == "auto" else forced.mode
+
+
+async def _read_whole(request: web.Request, timeout_s: float) -> bytes:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError as exc:
+        raise ClientTooSlow(f"request body not received within {timeout_s}s") from exc
+
+
+@dataclass
+class _Answer:
+    """An endpoint's answer with its headers in (and, when small, its body)."""
+
+    health: EndpointHealth
+    response: aiohttp.ClientResponse
+    attempt: int
+    body: bytes | None  # read whole when small
+    failure: str  # why it counts as a failure of the endpoint, or ""
+
+    def release(self) -> None:
+        self.response.release()
+        self.health.load.finished(self.attempt)
+
+
+@dataclass
+class _Failed:
+    """An attempt that got no answer."""
+
+    health: EndpointHealth
+    error: GatewayError
+    reached: bool  # the request may have reached the endpoint
+
+
+class _Exchange:
+    """The attempts of one client request: the first endpoint, then retries and hedges."""
+
+    def __init__(
+        self,
+        request: web.Request,
+        gateway: Gateway,
+        route: Route,
+        runtime: UpstreamRuntime,
+        body: bytes | None,
+        retry: bool,
+    ) -> None:
+        self.request = request
+        self.gateway = gateway
+        self.route = route
+        self.runtime = runtime
+        self.body = body
+        self.retry = retry
+        self.streamed: _StreamedBody | None = None
+        if body is None and request.body_exists:
+            self.streamed = _StreamedBody(request.content, route.max_body_bytes)
+        self.headers = upstream_request_headers(
+            request.raw_headers,
+            client_ip=request.remote,
+            scheme=request.scheme,
+            host=request.host,
+            request_id=request[REQUEST_ID],
+        )
+        self.tries = 0
+        self._waiting: list[EndpointHealth] = []
+        self._running: dict[asyncio.Task[_Answer | _Failed], EndpointHealth] = {}
+        self._kept: _Answer | None = None
+
+    def resendable(self) -> bool:
+        """The body can go out again: kept whole, or never started streaming."""
+        return self.streamed is None or not self.streamed.started
+
+    async def attempt(self, health: EndpointHealth) -> _Answer | _Failed:
+        """One try at one endpoint, with the route's timeouts; outcome fed to its breaker."""
+        admission = health.breaker.admit()
+        if admission is None:
+            return _Failed(health, NoEndpoint(f"{health.endpoint.label} refused by breaker"), False)
+        self.tries += 1
+        load = health.load
+        attempt = load.start()
+        started = time.perf_counter()
+        try:
+            response = await self._send(health.endpoint)
+        except asyncio.CancelledError:
+            # A hedge won, or the client left. Waiting on a stalled endpoint is its failure.
+            if load.stalled_since is not None:
+                latency = time.perf_counter() - started
+                health.breaker.record(admission, failed=True, latency_s=latency)
+            else:
+                health.breaker.abandon(admission)
+            load.finished(attempt)
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            health.breaker.record(admission, failed=True, latency_s=time.perf_counter() - started)
+            load.finished(attempt)
+            self._raise_if_client_side(exc)
+            error = _upstream_error(exc, health.endpoint)
+            return _Failed(health, error, not isinstance(error, UpstreamUnreachable))
+        load.answered(attempt)
+        latency = time.perf_counter() - started
+        answer = _Answer(health, response, attempt, None, "")
+        try:
+            length = response.content_length
+            if length is not None and length <= SMALL_BODY_BYTES and self.request.method != "HEAD":
+                answer.body = await response.read()
+        except asyncio.CancelledError:
+            health.breaker.abandon(admission)
+            answer.release()
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            health.breaker.record(admission, failed=True, latency_s=latency)
+            answer.release()
+            return _Failed(health, _upstream_error(exc, health.endpoint), True)
+        answer.failure = self._judge(health.endpoint, response.status, answer.body)
+        health.breaker.record(admission, failed=bool(answer.failure), latency_s=latency)
+        return answer
+
+    async def _send(self, endpoint: Endpoint) -> aiohttp.ClientResponse:
+        data: bytes | AsyncIterator[bytes] | None = self.body
+        if self.streamed is not None:
+            data = self.streamed.chunks()
+        assert self.gateway.session is not None, "the client session opens with the app"
+        return await self.gateway.session.request(
+            self.request.method,
+            endpoint.url_for(self.request.raw_path),
+            headers=self.headers,
+            data=data,
+            allow_redirects=False,
+            timeout=self.gateway.timeouts[self.route.name],
+        )
+
+    def _raise_if_client_side(self, exc: BaseException) -> None:
+        """A failed upload is the client's doing (too large, or it left), not the endpoint's."""
+        if self.streamed is not None and self.streamed.exceeded:
+            limit = self.route.max_body_bytes
+            raise RequestBodyTooLarge(f"request body over {limit} bytes", limit=limit) from exc
+        if self.streamed is not None and self.streamed.client_failed:
+            raise ClientGone("the client broke off its upload") from exc
+
+    def _judge(self, endpoint: Endpoint, status: int, body: bytes | None) -> str:
+        """Why an answer counts as the endpoint's failure (status, or body when read), or ""."""
+        if status in self.gateway.config.upstreams[endpoint.upstream].breaker.failure_statuses:
+            return f"status {status}"
+        if body is not None:
+            return body_failure(self.route.failure_body, status, body) or ""
+        return ""
+
+    def may_try_next(self, outcome: _Answer | _Failed) -> bool:
+        """After a failed try: may the request go to the next endpoint?"""
+        if not self.resendable():
+            return False
+        if isinstance(outcome, _Failed) and not outcome.reached:
+            return True  # it never reached the endpoint: safe for every call
+        return self.retry
+
+    def hedgeable(self) -> bool:
+        return self.retry and self.streamed is None
+
+    async def run(self, order: list[Endpoint]) -> _Answer:
+        """Try endpoints in ``order`` until one answers well; the last answer or error if none."""
+        self._waiting = [self.runtime_health(endpoint) for endpoint in order]
+        error: GatewayError | None = None
+        hedged = False
+        self._start("first")
+        try:
+            while self._running:
+                timeout = None
+                if self.hedgeable() and self._waiting and not hedged:
+                    slowest = min(h.load.stall_after_s() for h in self._running.values())
+                    timeout = max(0.005, slowest / 2)
+                done, _ = await asyncio.wait(
+                    self._running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    if any(h.load.stalled() for h in self._running.values()):
+                        hedged = self._start("hedge")
+                        if hedged:
+                            self.request[OUTCOME] = "hedged"
+                    continue
+                for task in done:
+                    self._running.pop(task)
+                    outcome = task.result()
+                    if isinstance(outcome, _Answer) and not outcome.failure:
+                        self._keep(None)
+                        return outcome
+                    if isinstance(outcome, _Answer):
+                        self._keep(outcome)
+                    else:
+                        error = outcome.error
+                    if self._waiting and not self._running and self.may_try_next(outcome):
+                        self._start("retry")
+            if self._kept is not None:
+                kept, self._kept = self._kept, None
+                return kept
+            assert error is not None
+            raise error
+        finally:
+            self._keep(None)
+            for task in self._running:
+                task.cancel()
+            if self._running:
+                leftovers = await asyncio.gather(*self._running, return_exceptions=True)
+                for leftover in leftovers:
+                    if isinstance(leftover, _Answer):
+                        leftover.release()
+
+    def _start(self, kind: str) -> bool:
+        """Start a try at the next waiting endpoint; retries and hedges spend budget."""
+        if kind != "first":
+            allowed = self.runtime.budget.try_spend()
+            metric = self.gateway.fleet.metrics.retries
+            metric.labels(self.runtime.name, kind, str(allowed).lower()).inc()
+            if not allowed:
+                log.info("retry_budget_spent", upstream=self.runtime.name, kind=kind)
+                return False
+        health = self._waiting.pop(0)
+        self._running[asyncio.ensure_future(self.attempt(health))] = health
+        return True
+
+    def _keep(self, answer: _Answer | None) -> None:
+        """Hold on to the latest failed answer (to pass on if nothing better comes)."""
+        if self._kept is not None:
+            self._kept.release()
+        self._kept = answer
+        if answer is not None:
+            log.info(
+                "endpoint_failed",
+                request_id=self.request[REQUEST_ID],
+                endpoint=answer.health.endpoint.label,
+                cause=answer.failure,
+            )
+
+    def runtime_health(self, endpoint: Endpoint) -> EndpointHealth:
+        health = self.runtime.by_label(endpoint.label)
+        assert health is not None, "plans come from the runtime's own endpoints"
+        return health
+
+
+async def _exchange(
     request: web.Request,
     gateway: Gateway,
     route: Route,
-    endpoint: Endpoint,
+    runtime: UpstreamRuntime,
+    order: list[Endpoint],
     body: bytes | None,
+    retry: bool,
 ) -> web.StreamResponse:
-    assert gateway.session is not None, "the client session opens with the app"
-    request_id = request[REQUEST_ID]
-    headers = upstream_request_headers(
-        request.raw_headers,
-        client_ip=request.remote,
-        scheme=request.scheme,
-        host=request.host,
-        request_id=request_id,
-    )
-    streamed: _StreamedBody | None = None
-    data: bytes | AsyncIterator[bytes] | None = body
-    if body is None and request.body_exists:
-        streamed = _StreamedBody(request.content, route.max_body_bytes)
-        data = streamed.chunks()
-
-    response: web.StreamResponse | None = None
+    exchange = _Exchange(request, gateway, route, runtime, body, retry)
     try:
-        async with gateway.session.request(
-            request.method,
-            endpoint.url_for(request.raw_path),
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            timeout=gateway.timeouts[route.name],
-        ) as upstream:
-            answer_headers = client_response_headers(
-                upstream.raw_headers, request_id, endpoint.label
+        answer = await exchange.run(order)
+    except UpstreamError as error:
+        request[OUTCOME] = str(error.details.get("cause", ""))
+        if route.retries == "never" and not isinstance(error, UpstreamUnreachable):
+            error.details["outcome"] = "unknown"
+            error.details["advice"] = (
+                "the call may have been applied: query its outcome (insurance 5203) or reverse "
+                "it (2601); do not send it again"
             )
-            request[SERVED_BY] = endpoint.label
-            length = upstream.content_length
-            if length and length <= SMALL_BODY_BYTES and request.method != hdrs.METH_HEAD:
-                # Small answers go out in one write; a failure while reading is still a
-                # clean 502, not a truncated answer.
-                small = web.Response(
-                    status=upstream.status, reason=upstream.reason, headers=answer_headers
-                )
-                small.body = await upstream.read()
-                return small
-            response = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=answer_headers
-            )
-            await _to_client(request, response.prepare(request))
-            while chunk := await upstream.content.readany():
-                await _to_client(request, response.write(chunk))
-            await _to_client(request, response.write_eof())
-            return response
+        raise
+    finally:
+        request[TRIES] = exchange.tries
+    try:
+        return await _relay(request, answer)
+    finally:
+        answer.release()
+
+
+async def _relay(request: web.Request, answer: _Answer) -> web.StreamResponse:
+    """Send the winning answer to the client: one write when small, streamed otherwise."""
+    upstream = answer.response
+    label = answer.health.endpoint.label
+    answer_headers = client_response_headers(upstream.raw_headers, request[REQUEST_ID], label)
+    request[SERVED_BY] = label
+    if answer.body is not None:
+        small = web.Response(status=upstream.status, reason=upstream.reason, headers=answer_headers)
+        small.body = answer.body
+        return small
+    response = web.StreamResponse(
+        status=upstream.status, reason=upstream.reason, headers=answer_headers
+    )
+    try:
+        await _to_client(request, response.prepare(request))
+        while chunk := await upstream.content.readany():
+            await _to_client(request, response.write(chunk))
+        await _to_client(request, response.write_eof())
+        return response
     except ClientGone:
         _cut(request)
-        if response is None or not response.prepared:
+        if not response.prepared:
             raise
         return response
-    except (aiohttp.ClientError, TimeoutError, RequestBodyTooLarge) as exc:
-        if response is not None and response.prepared:
-            # Headers already went out: all that is left is to cut the connection so the
-            # client sees a truncated answer instead of a silently short one.
-            request[OUTCOME] = "truncated"
-            log.warning(
-                "upstream_broke_midstream",
-                request_id=request_id,
-                route=route.name,
-                upstream=endpoint.label,
-                cause=type(exc).__name__,
-            )
-            _cut(request)
-            return response
-        if streamed is not None and streamed.exceeded:
-            raise RequestBodyTooLarge(
-                f"request body over {route.max_body_bytes} bytes", limit=route.max_body_bytes
-            ) from exc
-        if streamed is not None and streamed.client_failed:
-            raise ClientGone("the client broke off its upload") from exc
-        error = _upstream_error(exc, endpoint)
-        request[OUTCOME] = str(error.details.get("cause", ""))
-        raise error from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        if not response.prepared:
+            raise _upstream_error(exc, answer.health.endpoint) from exc
+        # Headers already went out: cut the connection so the client sees a truncated answer
+        # instead of a silently short one.
+        request[OUTCOME] = "truncated"
+        log.warning(
+            "upstream_broke_midstream",
+            request_id=request[REQUEST_ID],
+            upstream=label,
+            cause=type(exc).__name__,
+        )
+        _cut(request)
+        return response
 
 
 async def _to_client(request: web.Request, write: Any) -> None:

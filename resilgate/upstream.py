@@ -56,10 +56,6 @@ class Cluster:
             ),
         )
 
-    def choose(self) -> Endpoint:
-        """The endpoint to serve the next request: the primary, until failover exists."""
-        return self.endpoints[0]
-
 
 def clusters_from(config: Config) -> Mapping[str, Cluster]:
     return {name: Cluster.from_config(name, up) for name, up in config.upstreams.items()}

@@ -12,7 +12,7 @@ from tests.conftest import ServerProcess, Spawner
 
 def write_config(
     path: Path,
-    upstreams: dict[str, list[dict[str, Any]]],
+    upstreams: dict[str, Any],
     routes: list[dict[str, Any]],
     **top: Any,
 ) -> Path:
@@ -20,7 +20,11 @@ def write_config(
         "listeners": {"public": {"host": "127.0.0.1", "port": 0}},
         "workers": 1,
         "drain_deadline_s": 10,
-        "upstreams": {name: {"endpoints": eps} for name, eps in upstreams.items()},
+        # An upstream is given as its list of endpoints, or whole.
+        "upstreams": {
+            name: {"endpoints": up} if isinstance(up, list) else up
+            for name, up in upstreams.items()
+        },
         "include_routes": [],
         "routes": routes,
         **top,
@@ -31,7 +35,7 @@ def write_config(
 
 def start_gateway(
     spawn: Spawner,
-    upstreams: dict[str, list[dict[str, Any]]],
+    upstreams: dict[str, Any],
     routes: list[dict[str, Any]],
     workers: int = 1,
     name: str = "gateway",

@@ -6,15 +6,23 @@ response, a fault middleware and these control routes, which faults never touch:
 - ``PUT /_sim/fault`` ``{"mode", "latency_ms", "rate", "period_s", "status", "path_prefix"}``
   sets the fault (400 with ``{"error": reason}`` when the body is wrong); ``GET`` shows it,
   ``DELETE`` clears it. Every answer is the active fault with all six fields.
-- ``GET /_sim/writes``, ``GET /_sim/stats``, ``POST /_sim/reset`` (writes, fault and options
-  back to their start), ``GET|PUT /_sim/options`` (the simulator's declared boolean switches).
+- ``GET /_sim/writes``, ``POST /_sim/reset`` (writes, fault and options back to their start),
+  ``GET|PUT /_sim/options`` (the simulator's declared boolean switches).
+- ``GET /_sim/stats``: ``in_flight``, ``requests`` (every request outside ``/_sim`` since start)
+  and ``probes``, those of them whose ``User-Agent`` starts with ``resilgate-probe``.
 
 Modes: ``refuse`` aborts the connection without an answer; ``hang`` never answers until the
 fault changes or the client leaves; ``slow`` waits ``latency_ms`` first; ``error_rate``
 answers ``status`` to a ``rate`` share of requests, drawn from an RNG re-seeded with the
 simulator's seed whenever a fault is set; ``flap`` fails (``status``) for ``period_s``, then
 serves for ``period_s``, starting with failure when set; ``commit_then_hang`` (insurance only)
-lets a 2207 settlement commit, then hangs its answer. ``path_prefix`` narrows any mode.
+lets a 2207 settlement commit, then hangs its answer; ``platform_error`` answers a ``rate``
+share of requests (default all) with HTTP 200 carrying a platform error in the simulator's own
+format, applying nothing: insurance an envelope with ``infcode`` "-1" and a 系统异常 ``err_msg``,
+HIS an ``OperationOutcome`` (error, transient); registration and echo have no such format and
+answer ``status`` as ``error_rate`` does. ``GET /health`` stays healthy under ``platform_error``
+(the web tier is up, the platform behind it fails: what synthetic probes exist to notice).
+``path_prefix`` narrows any mode.
 
 Write-log rule: ``writes`` lists, in order, every write that changed the simulator's state,
 once per application. A request recognised as a replay of an earlier write (same idempotency
@@ -30,7 +38,7 @@ import contextlib
 import enum
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +49,17 @@ from resilgate.simulators import SimulatorOptions
 from resilgate.simulators.common import BadRequest, json_response, now_cn, read_json_object
 
 CONTROL_PREFIX = "/_sim/"
-FAULT_MODES = ("none", "refuse", "hang", "slow", "error_rate", "flap", "commit_then_hang")
+FAULT_MODES = (
+    "none",
+    "refuse",
+    "hang",
+    "slow",
+    "error_rate",
+    "flap",
+    "commit_then_hang",
+    "platform_error",
+)
+PROBE_AGENT_PREFIX = "resilgate-probe"
 _FAULT_FIELDS = {"mode", "latency_ms", "rate", "period_s", "status", "path_prefix"}
 _HANG_POLL_S = 0.1
 
@@ -100,7 +118,7 @@ def parse_fault(body: Mapping[str, Any], kind: str) -> Fault:
         raise BadRequest("slow needs latency_ms > 0")
     if mode == "error_rate" and "rate" not in body:
         raise BadRequest("error_rate needs rate")
-    rate = _number(body, "rate", 0.0)
+    rate = _number(body, "rate", 1.0 if mode == "platform_error" else 0.0)
     if not 0.0 <= rate <= 1.0:
         raise BadRequest("rate must be between 0 and 1")
     period = _number(body, "period_s", 0)
@@ -123,6 +141,7 @@ class Action(enum.Enum):
     HANG = "hang"
     DELAY = "delay"
     FAIL = "fail"
+    PLATFORM_ERROR = "platform_error"
 
 
 class WriteLog:
@@ -164,6 +183,7 @@ class SimControl:
         self.writes = WriteLog()
         self.in_flight = 0
         self.requests = 0
+        self.probes = 0
         self._flag_defaults = dict(flags or {})
         self.flags = dict(self._flag_defaults)
         self._set_at = time.monotonic()
@@ -203,6 +223,10 @@ class SimControl:
                 return Action.DELAY
             case "error_rate":
                 return Action.FAIL if self._rng.random() < fault.rate else Action.SERVE
+            case "platform_error":
+                if path == "/health" or self._rng.random() >= fault.rate:
+                    return Action.SERVE
+                return Action.PLATFORM_ERROR
             case "flap":
                 phase = int((now - self._set_at) / fault.period_s)
                 return Action.FAIL if phase % 2 == 0 else Action.SERVE
@@ -224,6 +248,8 @@ class SimControl:
 
 
 CONTROL = web.AppKey("sim_control", SimControl)
+PlatformError = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PLATFORM_ERROR = web.AppKey[PlatformError]("sim_platform_error")
 
 
 def _client_gone(request: web.BaseRequest) -> bool:
@@ -243,6 +269,8 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
     control = request.app[CONTROL]
     control.in_flight += 1
     control.requests += 1
+    if request.headers.get("User-Agent", "").startswith(PROBE_AGENT_PREFIX):
+        control.probes += 1
     try:
         while True:
             action = control.decide(request.path, time.monotonic())
@@ -255,7 +283,9 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
             if request.transport is not None:
                 request.transport.abort()
             return unanswered()
-        if action is Action.FAIL:
+        if action is Action.PLATFORM_ERROR and PLATFORM_ERROR in request.app:
+            return await request.app[PLATFORM_ERROR](request)
+        if action in (Action.FAIL, Action.PLATFORM_ERROR):
             return json_response(
                 {"error": "simulated fault", "mode": fault.mode, "status": fault.status},
                 status=fault.status,
@@ -293,7 +323,9 @@ async def _get_writes(request: web.Request) -> web.Response:
 
 async def _get_stats(request: web.Request) -> web.Response:
     control = request.app[CONTROL]
-    return json_response({"in_flight": control.in_flight, "requests": control.requests})
+    return json_response(
+        {"in_flight": control.in_flight, "requests": control.requests, "probes": control.probes}
+    )
 
 
 async def _reset(request: web.Request) -> web.Response:
@@ -332,15 +364,23 @@ async def _health(request: web.Request) -> web.Response:
 
 
 def install_faults(
-    app: web.Application, options: SimulatorOptions, *, flags: Mapping[str, bool] | None = None
+    app: web.Application,
+    options: SimulatorOptions,
+    *,
+    flags: Mapping[str, bool] | None = None,
+    platform_error: PlatformError | None = None,
 ) -> SimControl:
     """Add ``/health``, ``X-Sim-Site``, the fault middleware and ``/_sim`` to ``app``.
 
     ``flags`` declares the simulator's boolean switches and their defaults, changed through
     ``PUT /_sim/options`` and read by handlers from ``app[CONTROL].flags``.
+    ``platform_error`` answers a request hit by the ``platform_error`` fault in the
+    simulator's own format, instead of its handler; without it the fault answers ``status``.
     """
     control = SimControl(options, flags)
     app[CONTROL] = control
+    if platform_error is not None:
+        app[PLATFORM_ERROR] = platform_error
     app.middlewares.append(fault_middleware)
     app.on_response_prepare.append(_add_site_header)
     app.router.add_get("/health", _health)

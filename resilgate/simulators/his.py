@@ -8,6 +8,8 @@ updated with ``If-Match`` (stale version 412). The ``conditional_create`` switch
 ``PUT /_sim/options`` turns conditional create off: requests carrying ``If-None-Exist`` then
 get 412, like a server without the feature. Writes are logged as ``<Type>.create`` (key: the
 first identifier as ``system|value``, else ``Type/id``) and ``<Type>.update`` (key ``Type/id``).
+The ``platform_error`` fault answers HTTP 200 with an ``OperationOutcome`` (severity error, code
+transient) and applies nothing.
 """
 
 from __future__ import annotations
@@ -561,9 +563,16 @@ async def update(request: web.Request) -> web.Response:
     return fhir_response(resource, headers=_version_headers(request, resource))
 
 
+async def platform_error(request: web.Request) -> web.Response:
+    """The server's own failure reported in FHIR: 200 with a transient OperationOutcome."""
+    return fhir_response(outcome("transient", "platform error: simulated, try again later"))
+
+
 def build_app(options: SimulatorOptions) -> web.Application:
     app = web.Application()
-    control = install_faults(app, options, flags={"conditional_create": True})
+    control = install_faults(
+        app, options, flags={"conditional_create": True}, platform_error=platform_error
+    )
     app[STORE] = FhirStore(options.seed, control.writes)
     app.router.add_get("/fhir/metadata", metadata)
     app.router.add_get("/fhir/{type}", search)

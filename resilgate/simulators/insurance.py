@@ -14,6 +14,9 @@ nothing is applied again. Writes are logged with ``kind`` = the infno and ``key`
 Probe data: ``TEST0001`` (patient ``test-0001``) is insured and has an open visit
 ``MD250320001``; ``TEST0002`` is suspended: 1101 answers ``psn_insu_stas`` "2" with a
 ``paus_insu_date``, and 2201/2206/2207 for that person are business errors.
+The ``platform_error`` fault answers an envelope with ``infcode`` "-1", ``err_msg``
+``PLATFORM_ERROR_MSG`` and ``inf_refmsgid`` the request's msgid (if it has one); nothing is
+applied and the msgid is not remembered, so a later retry with it is served afresh.
 Fund share is 70 % for insutype 310 and 55 % for 390; the personal account pays what it can of
 the rest when ``acct_used_flag`` is "1"; cash pays the remainder, so the parts always add up.
 """
@@ -39,6 +42,7 @@ FUND_SHARE = {"310": Decimal("0.70"), "390": Decimal("0.55")}
 MSGID = re.compile(r"^[A-Za-z0-9]{12}\d{14}\d{4}$")
 REVERSIBLE = ("2207", "2208")
 TEST_VISIT = "MD250320001"
+PLATFORM_ERROR_MSG = "系统异常，请稍后重试 platform error: simulated"
 WRITE_INFNOS = ("2201", "2202", "2203", "2204", "2205", "2207", "2208", "2601")
 
 
@@ -612,9 +616,25 @@ async def call_service(request: web.Request) -> web.Response:
     return json_response(answer)
 
 
+async def platform_error(request: web.Request) -> web.Response:
+    """The platform's own failure: HTTP 200 with an error envelope, nothing applied."""
+    try:
+        msgid = (await read_json_object(request)).get("msgid")
+    except BadRequest:
+        msgid = None
+    return json_response(
+        {
+            "infcode": "-1",
+            "err_msg": PLATFORM_ERROR_MSG,
+            "inf_refmsgid": msgid if isinstance(msgid, str) else None,
+            "output": {},
+        }
+    )
+
+
 def build_app(options: SimulatorOptions) -> web.Application:
     app = web.Application()
-    control = install_faults(app, options)
+    control = install_faults(app, options, platform_error=platform_error)
     app[PLATFORM] = InsurancePlatform(options.seed, control.writes)
     app.router.add_post("/fsi/api/callService", call_service)
     return app

@@ -15,7 +15,7 @@ from resilgate.state.records import (
     JournalState,
     Verdict,
 )
-from resilgate.state.store import DuplicateTicket, StateStore, check_block_size
+from resilgate.state.store import DuplicateTicket, StateStore, check_block_size, check_lease_ttl
 
 
 class MemoryStore(StateStore):
@@ -28,7 +28,8 @@ class MemoryStore(StateStore):
         self._counters: dict[str, int] = {}
         self._cache: dict[str, tuple[bytes, float]] = {}
         self._journal: dict[str, JournalEntry] = {}
-        self._leases: dict[str, tuple[str, float]] = {}
+        self._leases: dict[str, tuple[str, float]] = {}  # journal claims: ticket -> holder
+        self._named_leases: dict[str, tuple[str, float]] = {}  # name -> (owner, until)
         self._finished_at: dict[str, float] = {}
         self._audit: list[AuditRecord] = []
         self._seq = 0
@@ -77,6 +78,19 @@ class MemoryStore(StateStore):
         first = self._counters.get(scope, 0) + 1
         self._counters[scope] = first + size - 1
         return first
+
+    async def lease(self, name: str, owner: str, ttl_s: float, now: float) -> bool:
+        check_lease_ttl(ttl_s)
+        holder = self._named_leases.get(name)
+        if holder is not None and holder[0] != owner and holder[1] > now:
+            return False
+        self._named_leases[name] = (owner, now + ttl_s)
+        return True
+
+    async def release(self, name: str, owner: str) -> None:
+        holder = self._named_leases.get(name)
+        if holder is not None and holder[0] == owner:
+            del self._named_leases[name]
 
     async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None:
         self._cache[key] = (value, self._clock() + ttl_s)
@@ -141,13 +155,21 @@ class MemoryStore(StateStore):
     async def trim(
         self, now: float, audit_keep_s: float, journal_keep_s: float, verdict_keep_s: float
     ) -> int:
-        before = len(self._audit) + len(self._journal) + len(self._cache) + len(self._verdicts)
+        before = self._records()
         self._audit = [r for r in self._audit if r.at >= now - audit_keep_s]
         for ticket, finished in list(self._finished_at.items()):
             if finished < now - journal_keep_s:
                 del self._journal[ticket], self._finished_at[ticket]
         self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
         self._verdicts = {k: v for k, v in self._verdicts.items() if v.at >= now - verdict_keep_s}
-        return before - (
-            len(self._audit) + len(self._journal) + len(self._cache) + len(self._verdicts)
+        self._named_leases = {k: v for k, v in self._named_leases.items() if v[1] > now}
+        return before - self._records()
+
+    def _records(self) -> int:
+        return (
+            len(self._audit)
+            + len(self._journal)
+            + len(self._cache)
+            + len(self._verdicts)
+            + len(self._named_leases)
         )

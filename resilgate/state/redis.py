@@ -4,6 +4,8 @@ Layout under ``<namespace>:`` (one Redis, not Cluster: the Lua scripts touch key
 
 - ``modes``, ``verdicts``: hashes, every write announced on the ``changes`` channel;
 - ``counters``: a hash, HINCRBY hands out blocks;
+- ``lease:<name>``: a hash of the holder's ``owner`` and ``until`` (the caller's clock), with
+  PEXPIRE so a lease nobody renews goes by itself; Lua scripts take and release it;
 - ``cache:<key>``: the value behind its expiry time, with PX; ``cache-expiry`` indexes them;
 - ``journal:*``: the immutable entry by ticket, its state and detail, its ``seq`` in the
   ``order`` sorted set, unfinished tickets in ``open``, leases, and finish times in
@@ -49,7 +51,13 @@ from resilgate.state.records import (
     Verdict,
 )
 from resilgate.state.spool import Spool
-from resilgate.state.store import DuplicateTicket, StateStore, StoreUnavailable, check_block_size
+from resilgate.state.store import (
+    DuplicateTicket,
+    StateStore,
+    StoreUnavailable,
+    check_block_size,
+    check_lease_ttl,
+)
 
 T = TypeVar("T")
 log = get_logger("resilgate.state")
@@ -188,6 +196,24 @@ redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', ARGV[3])
 return removed + #expired
 """
 
+# KEYS: the lease. ARGV: owner, now, until, time to live in ms. Whether it ran out is judged by
+# the stored ``until`` and the caller's ``now``, not by Redis's clock.
+LEASE_LUA = """
+local holder = redis.call('HGET', KEYS[1], 'owner')
+if holder and holder ~= ARGV[1]
+    and tonumber(redis.call('HGET', KEYS[1], 'until')) > tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'until', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS: the lease. ARGV: owner.
+RELEASE_LUA = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
+
 AUDIT_APPEND_LUA = """
 local n = redis.call('INCR', KEYS[2])
 redis.call('ZADD', KEYS[1], ARGV[1], string.format('%020d', n) .. ARGV[2])
@@ -268,6 +294,8 @@ class RedisStore(StateStore):
         self._finish = client.register_script(FINISH_LUA)
         self._trim = client.register_script(TRIM_LUA)
         self._audit_append = client.register_script(AUDIT_APPEND_LUA)
+        self._lease = client.register_script(LEASE_LUA)
+        self._release = client.register_script(RELEASE_LUA)
         try:
             self._pubsub = await self._subscribe()
         except StoreUnavailable:
@@ -375,12 +403,24 @@ class RedisStore(StateStore):
         raw = await self._call(lambda: self._redis().hgetall(self._verdicts))
         return [Verdict.from_json(value) for value in raw.values()]
 
-    # Counters and cache.
+    # Counters, leases and cache.
 
     async def take_block(self, scope: str, size: int) -> int:
         check_block_size(size)
         last: int = await self._call(lambda: self._redis().hincrby(self._counters, scope, size))
         return last - size + 1
+
+    async def lease(self, name: str, owner: str, ttl_s: float, now: float) -> bool:
+        check_lease_ttl(ttl_s)
+        keys = [f"{self.namespace}:lease:{name}"]
+        px = max(1, math.ceil(ttl_s * 1000))
+        args: list[str | int] = [owner, repr(now), repr(now + ttl_s), px]
+        held = await self._call(lambda: self._lease(keys=keys, args=args))
+        return bool(held == 1)
+
+    async def release(self, name: str, owner: str) -> None:
+        keys = [f"{self.namespace}:lease:{name}"]
+        await self._call(lambda: self._release(keys=keys, args=[owner]))
 
     async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None:
         name = f"{self.namespace}:cache:{key}"

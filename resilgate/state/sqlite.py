@@ -26,7 +26,13 @@ from resilgate.state.records import (
     JournalState,
     Verdict,
 )
-from resilgate.state.store import DuplicateTicket, StateStore, StoreUnavailable, check_block_size
+from resilgate.state.store import (
+    DuplicateTicket,
+    StateStore,
+    StoreUnavailable,
+    check_block_size,
+    check_lease_ttl,
+)
 
 # Triggers bump one shared generation whenever a mode or verdict changes, so a watcher tells
 # those changes from the many other commits (counters, journal) with a single-row read.
@@ -50,6 +56,8 @@ CREATE TABLE IF NOT EXISTS verdicts (
     endpoint TEXT NOT NULL, replica TEXT NOT NULL, state TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (endpoint, replica));
 CREATE TABLE IF NOT EXISTS counters (scope TEXT PRIMARY KEY, last INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS cache (
     key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS cache_expiry ON cache (expires_at);
@@ -210,6 +218,20 @@ class SqliteStore(StateStore):
         first: int = last - size + 1
         return first
 
+    async def lease(self, name: str, owner: str, ttl_s: float, now: float) -> bool:
+        check_lease_ttl(ttl_s)
+        # An upsert whose update is refused (another owner, not run out) returns no row.
+        rows = await self._query(
+            "INSERT INTO leases VALUES (:name, :owner, :until) ON CONFLICT (name) DO UPDATE"
+            " SET owner = excluded.owner, expires_at = excluded.expires_at"
+            " WHERE owner = excluded.owner OR expires_at <= :now RETURNING 1",
+            {"name": name, "owner": owner, "until": now + ttl_s, "now": now},
+        )
+        return bool(rows)
+
+    async def release(self, name: str, owner: str) -> None:
+        await self._query("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
+
     async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None:
         await self._query(
             "INSERT OR REPLACE INTO cache VALUES (?, ?, ?)", (key, value, self._clock() + ttl_s)
@@ -310,6 +332,7 @@ class SqliteStore(StateStore):
             "DELETE FROM journal WHERE finished_at < ? RETURNING 1", (now - journal_keep_s,)
         )
         gone += await self._query("DELETE FROM cache WHERE expires_at <= ? RETURNING 1", (now,))
+        gone += await self._query("DELETE FROM leases WHERE expires_at <= ? RETURNING 1", (now,))
         gone += await self._query(
             "DELETE FROM verdicts WHERE at < ? RETURNING 1", (now - verdict_keep_s,)
         )

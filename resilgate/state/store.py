@@ -21,6 +21,12 @@ def check_block_size(size: int) -> None:
         raise ValueError(f"a counter block holds at least one number, not {size}")
 
 
+def check_lease_ttl(ttl_s: float) -> None:
+    """A lease for no time would have run out as it was taken."""
+    if not ttl_s > 0:
+        raise ValueError(f"a lease lasts a positive time, not {ttl_s}s")
+
+
 class StateStore(ABC):
     """Shared state of all workers (and, with Redis, all replicas).
 
@@ -72,6 +78,18 @@ class StateStore(ABC):
     @abstractmethod
     async def take_block(self, scope: str, size: int) -> int:
         """Reserve ``size`` consecutive numbers of ``scope``; return the first (from 1)."""
+
+    # Leases: one holder at a time across the fleet (a half-open endpoint's trial requests).
+    # Not changes: wait_for_change does not report them.
+
+    @abstractmethod
+    async def lease(self, name: str, owner: str, ttl_s: float, now: float) -> bool:
+        """Take or renew the lease ``name`` for ``owner`` until ``now + ttl_s``; True if
+        ``owner`` holds it now. Another owner's lease is taken only once it has run out."""
+
+    @abstractmethod
+    async def release(self, name: str, owner: str) -> None:
+        """Give the lease up if ``owner`` holds it (nothing otherwise)."""
 
     # Record cache: opaque bytes under a key, each with a time to live.
 
@@ -129,4 +147,4 @@ class StateStore(ABC):
     ) -> int:
         """Drop audit records, finished journal entries and breaker verdicts older than their
         retention (a replica that is gone leaves verdicts nobody updates), and expired cache
-        entries; return how many records went."""
+        entries and leases (Redis expires its own); return how many records went."""

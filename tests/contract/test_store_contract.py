@@ -12,6 +12,10 @@ import pytest
 from resilgate.state.records import AuditRecord, ForcedMode, JournalEntry, Verdict
 from resilgate.state.store import DuplicateTicket, StateStore
 
+# Leases are judged by the time the caller passes, so these tests pass fixed ones.
+NOW = 1_767_225_600.0
+LEASE = "half-open:his/primary"
+
 
 class FakeClock:
     """Wall-clock time that tests can move forward (for expiry and retention)."""
@@ -101,6 +105,46 @@ async def test_counter_blocks_never_overlap(store: StateStore) -> None:
     numbers = [n for first in blocks for n in range(first, first + 10)]
     assert sorted(numbers) == list(range(1, 201))
     assert await store.take_block("WAI:2026-11-24", 1) == 1
+
+
+async def test_a_lease_has_one_holder_until_it_runs_out(store: StateStore) -> None:
+    assert await store.lease(LEASE, "gw-a", ttl_s=10, now=NOW)
+    assert not await store.lease(LEASE, "gw-b", ttl_s=10, now=NOW + 9.9)
+    assert await store.lease(LEASE, "gw-b", ttl_s=10, now=NOW + 10)  # gw-a's has run out
+    assert not await store.lease(LEASE, "gw-a", ttl_s=10, now=NOW + 10)
+    assert await store.lease("half-open:his/standby", "gw-a", ttl_s=10, now=NOW + 10)
+    with pytest.raises(ValueError, match="positive"):
+        await store.lease(LEASE, "gw-b", ttl_s=0, now=NOW + 10)
+
+
+async def test_renewing_a_lease_extends_it(store: StateStore) -> None:
+    assert await store.lease(LEASE, "gw-a", ttl_s=10, now=NOW)
+    assert await store.lease(LEASE, "gw-a", ttl_s=10, now=NOW + 8)  # now held until NOW + 18
+    assert not await store.lease(LEASE, "gw-b", ttl_s=10, now=NOW + 12)
+    assert await store.lease(LEASE, "gw-b", ttl_s=10, now=NOW + 18)
+    if store.backend == "redis":  # a lease nobody renews also goes from Redis by itself
+        from redis.asyncio import Redis
+
+        from resilgate.state.redis import RedisStore
+
+        assert isinstance(store, RedisStore)
+        raw = Redis.from_url(store.test_server.url)  # type: ignore[attr-defined]
+        try:
+            left_ms = await raw.pttl(f"{store.namespace}:lease:{LEASE}")
+        finally:
+            await raw.aclose()
+        assert 0 < left_ms <= 10_000
+
+
+async def test_only_the_holder_releases_a_lease_and_nobody_is_told(store: StateStore) -> None:
+    await store.wait_for_change(0.01)  # settle anything announced at open
+    assert await store.lease(LEASE, "gw-a", ttl_s=10, now=NOW)
+    await store.release(LEASE, "gw-b")
+    assert not await store.lease(LEASE, "gw-b", ttl_s=10, now=NOW + 1)
+    await store.release(LEASE, "gw-a")
+    assert await store.lease(LEASE, "gw-b", ttl_s=10, now=NOW + 1)  # at once, not at NOW + 10
+    await store.release("half-open:his/standby", "gw-a")  # never taken: nothing happens
+    assert not await store.wait_for_change(0.05), "leases are not mode or verdict changes"
 
 
 async def test_cache_entries_expire(store: StateStore, clock: FakeClock) -> None:

@@ -1,5 +1,6 @@
 """Stores shared by real processes: SQLite file sharing, durability and WAL; counters (SQLite
-and Redis) that never repeat a number across processes and restarts.
+and Redis) that never repeat a number across processes and restarts; leases (SQLite and Redis)
+that only one process holds at a time.
 
 The behaviour every backend shares is in ``test_store_contract.py``. Here the other workers are
 real processes running this module (see the bottom): each opens the store, prints ``ready``,
@@ -29,6 +30,8 @@ from tests.conftest import REPO, wait_until
 
 _SCOPE = "queue:opd"
 _MODE = ForcedMode("his", "dr", "failover drill", "test", 0.0)
+_LEASE = "half-open:his/primary"
+_LEASE_NOW = 1_767_225_600.0
 _CHILD = [sys.executable, "-m", "tests.contract.test_store_processes"]
 _numbering = itertools.count()
 
@@ -78,6 +81,41 @@ class Child:
         returncode = self.proc.wait(30)
         assert returncode == 0, f"child exited {returncode}: {self.err.read_text()}"
         return self.lines()
+
+
+class Rival:
+    """A process asking for the lease in lock step with another: the round number sent on its
+    stdin is answered with ``won`` or ``lost`` on its stdout, a pipe."""
+
+    def __init__(self, tmp_path: Path, db: Path | str, rounds: int) -> None:
+        self.err = tmp_path / f"lease-{next(_numbering)}.err"
+        with self.err.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [*_CHILD, "lease", str(db), str(rounds)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                cwd=REPO,
+            )
+
+    def send(self, line: object) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{line}\n".encode())
+        self.proc.stdin.flush()
+
+    def receive(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, f"exited {self.proc.wait(10)}: {self.err.read_text()}"
+        return line.decode().strip()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.fixture
@@ -167,6 +205,30 @@ def test_two_processes_never_take_the_same_number_also_across_restarts(
     taken = numbers(*first, *second, *again)
     print(f"{backend}: {len(taken)} numbers taken by 6 processes, none twice")
     assert len(set(taken)) == len(taken) >= 4400
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_two_processes_asking_for_a_lease_at_once_never_both_get_it(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    target = request.getfixturevalue("redis_server").url if backend == "redis" else None
+    rivals = [Rival(tmp_path, target or tmp_path / "state.db", 50) for _ in range(2)]
+    try:
+        assert [rival.receive() for rival in rivals] == ["ready", "ready"]
+        for rival in rivals:
+            rival.send("go")
+        wins = [0, 0]
+        for round_ in range(50):
+            for rival in rivals:
+                rival.send(round_)
+            answers = [rival.receive() for rival in rivals]
+            assert sorted(answers) == ["lost", "won"], f"round {round_}: {answers}"
+            wins[answers.index("won")] += 1
+        assert [rival.proc.wait(10) for rival in rivals] == [0, 0]
+    finally:
+        for rival in rivals:
+            rival.stop()
+    print(f"{backend}: rounds won by each process: {wins}")
 
 
 def test_acknowledged_journal_entries_survive_sigkill(
@@ -260,6 +322,16 @@ async def _take(store: StateStore, count: int) -> None:
             _say(number)
 
 
+async def _lease(store: StateStore, count: int) -> None:
+    # Round r asks at _LEASE_NOW + r for one second: the lease of round r - 1 has just run out,
+    # so either rival may take it, and the one that asks second must be refused.
+    owner = f"gw-{os.getpid()}"
+    for _ in range(count):
+        round_ = int(await asyncio.to_thread(sys.stdin.readline))
+        won = await store.lease(_LEASE, owner, ttl_s=1.0, now=_LEASE_NOW + round_)
+        _say("won" if won else "lost")
+
+
 async def _append(store: SqliteStore, count: int) -> None:
     for n in range(count):
         entry = JournalEntry(f"ticket-{n}", "/fhir/Encounter", b'{"n": %d}' % n, time.time())
@@ -290,7 +362,13 @@ async def _child(role: str, db: str, count: int) -> None:
     await store.open()
     _say("ready")
     sys.stdin.readline()
-    roles = {"take": _take, "append": _append, "put_mode": _put_mode, "watch": _watch}
+    roles = {
+        "take": _take,
+        "append": _append,
+        "put_mode": _put_mode,
+        "watch": _watch,
+        "lease": _lease,
+    }
     await roles[role](store, count)
     await store.close()
 

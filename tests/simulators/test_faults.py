@@ -8,12 +8,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
+from resilgate.config import FailureBody
+from resilgate.failure_body import body_failure
 from resilgate.simulators import SimulatorOptions
 from resilgate.simulators.faults import Action, SimControl, parse_fault
 
 SHORT = aiohttp.ClientTimeout(total=0.5)
+INSURANCE_RULE = FailureBody(format="insurance_envelope")
+FHIR_RULE = FailureBody(format="fhir")
 
 
 async def eventually(
@@ -295,3 +300,117 @@ def test_flap_switches_phase_every_period_on_the_monotonic_clock() -> None:
     start = time.monotonic()
     phases = [control.decide("/health", start + t) for t in (0.1, 1.9, 2.1, 3.9, 4.1)]
     assert phases == [Action.FAIL, Action.FAIL, Action.SERVE, Action.SERVE, Action.FAIL]
+
+
+def trial_envelope(msgid: str, psn_no: str = "TEST0001", infno: str = "2206") -> dict[str, Any]:
+    return {
+        "infno": infno,
+        "msgid": msgid,
+        "inf_time": "2025-03-20 09:12:00",
+        "fixmedins_code": "H31010400001",
+        "opter": "kiosk-07",
+        "opter_type": "2",
+        "insuplc_admdvs": "310000",
+        "input": {
+            "data": {
+                "psn_no": psn_no,
+                "mdtrt_id": "MD250320001",
+                "chrg_bchno": "CB-FAULT-1",
+                "medfee_sumamt": 10.00,
+                "insutype": "310",
+                "med_type": "11",
+                "acct_used_flag": "0",
+            }
+        },
+    }
+
+
+async def test_platform_error_on_insurance_is_an_error_envelope_that_applies_nothing(
+    spawn: Any,
+) -> None:
+    sim = spawn.simulator("insurance")
+    url = f"{sim.url()}/fsi/api/callService"
+    msgid = "H3101040000120250320091200" + "0001"
+    async with aiohttp.ClientSession() as http:
+        active = await set_fault(http, sim.url(), mode="platform_error")
+        assert active["rate"] == 1.0  # every request unless told otherwise
+        for infno in ("2206", "2207"):
+            async with http.post(url, json=trial_envelope(msgid, infno=infno)) as response:
+                assert response.status == 200
+                assert response.content_type == "application/json"
+                body = await response.read()
+            assert orjson.loads(body) == {
+                "infcode": "-1",
+                "err_msg": "系统异常，请稍后重试 platform error: simulated",
+                "inf_refmsgid": msgid,
+                "output": {},
+            }
+            assert body_failure(INSURANCE_RULE, 200, body) is not None
+        async with http.get(f"{sim.url()}/health") as response:
+            assert response.status == 200  # the web tier is up; the platform behind it is not
+            assert (await response.json())["status"] == "ok"
+        async with http.get(f"{sim.url()}/_sim/writes") as response:
+            assert await response.json() == {"writes": [], "duplicates": []}
+
+        async with http.delete(f"{sim.url()}/_sim/fault"):
+            pass
+        async with http.post(url, json=trial_envelope(msgid)) as response:
+            answer = await response.json()
+        assert answer["infcode"] == "0"  # the msgid was not remembered by the failed call
+        suspended = trial_envelope("H3101040000120250320091200" + "0002", psn_no="TEST0002")
+        async with http.post(url, json=suspended) as response:
+            body = await response.read()
+        assert "suspended" in orjson.loads(body)["err_msg"]
+        assert body_failure(INSURANCE_RULE, 200, body) is None  # a business answer
+
+
+async def test_platform_error_on_his_is_a_transient_operation_outcome(spawn: Any) -> None:
+    sim = spawn.simulator("his")
+    order = {
+        "resourceType": "MedicationRequest",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": "Patient/test-0001"},
+    }
+    async with aiohttp.ClientSession() as http:
+        await set_fault(http, sim.url(), mode="platform_error", path_prefix="/fhir/")
+        async with http.get(f"{sim.url()}/fhir/Patient/test-0001") as response:
+            assert response.status == 200
+            assert response.content_type == "application/fhir+json"
+            body = await response.read()
+        issue = orjson.loads(body)["issue"][0]
+        assert (issue["severity"], issue["code"]) == ("error", "transient")
+        assert body_failure(FHIR_RULE, 200, body) == "OperationOutcome transient"
+        async with http.post(f"{sim.url()}/fhir/MedicationRequest", json=order) as response:
+            assert response.status == 200
+            assert (await response.json())["resourceType"] == "OperationOutcome"
+        async with http.get(f"{sim.url()}/_sim/writes") as response:
+            assert (await response.json())["writes"] == []
+
+        await set_fault(http, sim.url(), mode="platform_error", rate=0.0)
+        async with http.get(f"{sim.url()}/fhir/Patient/test-0001") as response:
+            assert (await response.json())["resourceType"] == "Patient"
+
+
+async def test_platform_error_without_a_platform_format_answers_status(spawn: Any) -> None:
+    sim = spawn.simulator("registration")
+    async with aiohttp.ClientSession() as http:
+        await set_fault(http, sim.url(), mode="platform_error", status=502)
+        async with http.get(f"{sim.url()}/reg/v1/departments") as response:
+            assert response.status == 502
+            assert (await response.json())["mode"] == "platform_error"
+        async with http.get(f"{sim.url()}/health") as response:
+            assert response.status == 200
+
+
+async def test_stats_count_probes_among_requests(spawn: Any) -> None:
+    sim = spawn.simulator("his")
+    probe = {"User-Agent": "resilgate-probe/1", "X-Request-ID": "probe-1"}
+    async with aiohttp.ClientSession() as http:
+        for headers in (probe, probe, {"User-Agent": "HIS-workstation/5.1"}, {}):
+            async with http.get(f"{sim.url()}/fhir/Patient/test-0001", headers=headers) as r:
+                assert r.status == 200
+        async with http.get(f"{sim.url()}/_sim/fault", headers=probe) as response:
+            assert response.status == 200  # control routes are not counted
+        async with http.get(f"{sim.url()}/_sim/stats") as response:
+            assert await response.json() == {"in_flight": 0, "requests": 4, "probes": 2}

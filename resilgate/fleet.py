@@ -1,0 +1,225 @@
+"""One worker's endpoint health, tied to the rest of the fleet through the state store.
+
+Breaker transitions are logged, counted and published as verdicts; other replicas' verdicts
+are read from the :class:`StateView` (a quorum of open ones takes an endpoint out here too);
+ops' ``maintenance`` on ``upstream/endpoint`` fences it; one replica at a time holds the trial
+lease of a half-open endpoint. Nothing here is awaited by the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+
+import aiohttp
+
+from resilgate.breaker import Transition
+from resilgate.config import Config
+from resilgate.health import EndpointHealth, UpstreamRuntime
+from resilgate.logs import get_logger
+from resilgate.metrics import Metrics
+from resilgate.probes import EndpointProbes
+from resilgate.state.records import Verdict
+from resilgate.state.view import StateView
+from resilgate.upstream import Cluster
+
+log = get_logger("resilgate.fleet")
+TICK_S = 0.1
+LEASE_TTL_S = 5.0
+LEASE_RENEW_S = 1.5
+LEASE_RETRY_S = 0.5
+REPUBLISH_S = 30.0
+
+
+def replica_id() -> str:
+    """This worker's name in the fleet: host and process."""
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
+class Fleet:
+    """The health of every endpoint in this worker, and its links to the fleet."""
+
+    def __init__(self, config: Config, clusters: Mapping[str, Cluster], metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.replica = replica_id()
+        self.view: StateView | None = None
+        self.runtimes: dict[str, UpstreamRuntime] = {
+            name: UpstreamRuntime.build(
+                cluster, config.upstreams[name], on_transition=self._on_transition
+            )
+            for name, cluster in clusters.items()
+        }
+        self._healths = {h.endpoint.label: h for rt in self.runtimes.values() for h in rt.endpoints}
+        self._outbox: asyncio.Queue[Verdict] = asyncio.Queue()
+        self._leases: dict[str, asyncio.Task[None]] = {}
+        self._half_open_at: dict[str, float] = {}  # wall clock, for remote "closed" verdicts
+        self._seen: dict[tuple[str, str], str] = {}  # (endpoint, replica) -> state seen
+
+    def __repr__(self) -> str:
+        return f"<Fleet {self.replica} {', '.join(map(repr, self._healths.values()))}>"
+
+    def health(self, label: str) -> EndpointHealth:
+        return self._healths[label]
+
+    # -- breaker transitions (synchronous, from the request path or the tick) --------------
+
+    def _on_transition(self, transition: Transition) -> None:
+        label, new = transition.endpoint, transition.new
+        event = {"open": "breaker_opened", "half_open": "breaker_half_open"}.get(
+            new, "breaker_closed"
+        )
+        fields = {"endpoint": label, "was": transition.old, "reason": transition.reason}
+        if new == "open":
+            log.warning(event, open_for_s=round(transition.open_for_s, 2), **fields)
+        else:
+            log.info(event, **fields)
+        self.metrics.breaker_transitions.labels(label, new).inc()
+        self._outbox.put_nowait(Verdict(label, self.replica, new, time.time()))
+        health = self._healths.get(label)
+        if health is None:
+            return
+        if new == "open":
+            health.load.clear_stall()  # the breaker keeps it out from here
+        if new == "half_open":
+            self._half_open_at[label] = time.time()
+            if label not in self._leases:
+                self._leases[label] = asyncio.get_running_loop().create_task(self._trials(health))
+
+    async def _trials(self, health: EndpointHealth) -> None:
+        """Hold the fleet's trial lease of a half-open endpoint; only its holder sends trials."""
+        label, breaker = health.endpoint.label, health.breaker
+        name = f"trial:{label}"
+        held = False
+        try:
+            while breaker.state == "half_open":
+                store = self.view.store if self.view is not None else None
+                if store is None:
+                    held = True
+                else:
+                    try:
+                        held = await store.lease(name, self.replica, LEASE_TTL_S, time.time())
+                    except Exception as exc:  # store down: decide from local traffic alone
+                        if not held:
+                            log.warning("trial_lease_unavailable", endpoint=label, error=str(exc))
+                        held = True
+                breaker.trials_allowed = held
+                await asyncio.sleep(LEASE_RENEW_S if held else LEASE_RETRY_S)
+        finally:
+            self._leases.pop(label, None)
+            if held and self.view is not None:
+                with contextlib.suppress(Exception):
+                    await self.view.store.release(name, self.replica)
+
+    # -- background work --------------------------------------------------------------------
+
+    async def run(self, view: StateView) -> None:
+        """Probes, verdict publishing and the fleet tick, until cancelled."""
+        self.view = view
+        async with aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
+        ) as session:
+            tasks = [
+                asyncio.create_task(self._publish()),
+                asyncio.create_task(self._tick()),
+            ]
+            for runtime in self.runtimes.values():
+                probes = self.config.upstreams[runtime.name].probes
+                for health in runtime.endpoints:
+                    health.probes = EndpointProbes(
+                        health.endpoint, probes, on_change=self._probe_changed(health)
+                    )
+                    tasks.append(asyncio.create_task(health.probes.run(session)))
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in [*tasks, *self._leases.values()]:
+                    task.cancel()
+                await asyncio.gather(*tasks, *self._leases.values(), return_exceptions=True)
+
+    def _probe_changed(self, health: EndpointHealth) -> Callable[[EndpointProbes], None]:
+        def changed(probes: EndpointProbes) -> None:
+            self.metrics.probe_changes.labels(health.endpoint.label, probes.verdict).inc()
+            if probes.verdict == "up":
+                health.load.alive()
+            health.share(time.monotonic())
+
+        return changed
+
+    async def _publish(self) -> None:
+        while True:
+            verdict = await self._outbox.get()
+            if self.view is None:
+                continue
+            try:
+                await self.view.store.put_verdict(verdict)
+            except Exception as exc:  # the view logs the store outage; the verdict is local
+                log.debug("verdict_not_published", endpoint=verdict.endpoint, error=str(exc))
+
+    async def _tick(self) -> None:
+        republish_at = time.monotonic() + REPUBLISH_S
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            self._read_view()
+            for health in self._healths.values():
+                health.share(now)  # moves hold-down and ramp on without traffic
+            if now >= republish_at:
+                republish_at = now + REPUBLISH_S
+                for label, health in self._healths.items():
+                    state = health.breaker.state
+                    self._outbox.put_nowait(Verdict(label, self.replica, state, time.time()))
+
+    def _read_view(self) -> None:
+        view = self.view
+        if view is None:
+            return
+        wall = time.time()
+        open_at: dict[str, set[str]] = {}
+        for verdict in view.verdicts:
+            if verdict.replica == self.replica:
+                continue
+            key = (verdict.endpoint, verdict.replica)
+            if self._seen.get(key) != verdict.state:
+                self._seen[key] = verdict.state
+                log.info(
+                    "remote_verdict_seen",
+                    endpoint=verdict.endpoint,
+                    replica=verdict.replica,
+                    state=verdict.state,
+                    lag_ms=round((wall - verdict.at) * 1000, 1),
+                )
+            health = self._healths.get(verdict.endpoint)
+            if health is None:
+                continue
+            fresh_s = self.config.upstreams[health.endpoint.upstream].breaker.verdict_fresh_s
+            if verdict.state == "open" and wall - verdict.at <= fresh_s:
+                open_at.setdefault(verdict.endpoint, set()).add(verdict.replica)
+            if (
+                verdict.state == "closed"
+                and health.breaker.state == "half_open"
+                and not health.breaker.trials_allowed
+                and verdict.at >= self._half_open_at.get(verdict.endpoint, wall)
+            ):
+                health.breaker.close(f"trials passed at {verdict.replica}")
+        for label, health in self._healths.items():
+            quorum = self.config.upstreams[health.endpoint.upstream].breaker.quorum
+            adopted = len(open_at.get(label, ())) >= quorum
+            if adopted != health.adopted:
+                health.adopted = adopted
+                event = "quorum_open_adopted" if adopted else "quorum_open_released"
+                log.warning(event, endpoint=label, replicas=sorted(open_at.get(label, ())))
+            mode = view.mode_of(label)
+            fenced = mode is not None and mode.mode == "maintenance"
+            if fenced != health.fenced:
+                health.fenced = fenced
+                if fenced and mode is not None:
+                    log.warning(
+                        "endpoint_fenced", endpoint=label, actor=mode.actor, reason=mode.reason
+                    )
+                else:
+                    log.warning("endpoint_fence_lifted", endpoint=label)
