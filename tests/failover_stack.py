@@ -84,5 +84,6 @@ def start_stack(
 def probes_up(stack: Stack) -> bool:
     """Both simulators have been probed at least twice (the probes' rise count)."""
     return all(
-        sim_call(server, "GET", "/_sim/stats")["probes"] >= 2 for server in (stack.primary, stack.dr)
+        sim_call(server, "GET", "/_sim/stats")["probes"] >= 2
+        for server in (stack.primary, stack.dr)
     )

@@ -77,7 +77,9 @@ async def steady(
         except (aiohttp.ClientError, TimeoutError):
             pass
         latency = time.monotonic() - sent_at
-        stream.samples.append(Sample(sent_at, latency, status, served_by, body if keep_body else b""))
+        stream.samples.append(
+            Sample(sent_at, latency, status, served_by, body if keep_body else b"")
+        )
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         start = time.monotonic()
