@@ -3,16 +3,20 @@ real (SIGKILL, SIGSTOP, fault modes). Each test prints what it measured."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import Spawner, wait_until
-from tests.failover_stack import Stack, set_fault, start_stack, traffic
-from tests.load import steady
+from tests.conftest import REPO, ServerProcess, Spawner, wait_until
+from tests.failover_stack import FAST_HEALTH, Stack, set_fault, start_stack, traffic
+from tests.load import Sample, steady
 
 READ_TIMEOUT_S = 2.0
 HIS_READS = [
@@ -137,3 +141,116 @@ async def test_post_without_key_is_not_retried_and_writes_skip_read_only(spawn: 
             assert response.status in (502, 503)
     assert traffic(stack.dr) == 0
     wait_until(lambda: stack.events("access"), 5, "access lines")
+
+
+def restart_on_same_port(spawn: Spawner, server: ServerProcess, kind: str) -> ServerProcess:
+    port = str(server.port())
+    return spawn.start(f"{server.name}-again", ["simulate", kind, "--port", port])
+
+
+def majority_by_bucket(samples: list[Sample], bucket_s: float) -> list[tuple[str, float]]:
+    """(endpoint serving most, primary share) per time bucket, in time order."""
+    buckets: dict[int, list[str]] = {}
+    for sample in samples:
+        buckets.setdefault(int(sample.sent_at / bucket_s), []).append(sample.served_by)
+    result = []
+    for key in sorted(buckets):
+        labels = buckets[key]
+        top = max(set(labels), key=labels.count)
+        result.append((top, labels.count("his/primary") / len(labels)))
+    return result
+
+
+async def test_failback_waits_for_the_hold_down_then_ramps_and_switches_once(
+    spawn: Spawner,
+) -> None:
+    health = {
+        **FAST_HEALTH,
+        "failback": {"hold_down_s": 2.0, "ramp_s": 2.0, "ramp_start": 0.1},
+    }
+    stack = start_stack(spawn, "his", HIS_READS, dr_read_only=True, health=health)
+    loop = asyncio.get_running_loop()
+    marks: dict[str, float] = {}
+    restarted: list[asyncio.Future[None]] = []
+
+    def kill() -> None:
+        marks["killed"] = time.monotonic()
+        os.kill(stack.primary.pid, signal.SIGKILL)
+        stack.primary.proc.wait()
+
+    def restart() -> None:
+        restart_on_same_port(spawn, stack.primary, "his")
+        marks["back"] = time.monotonic()
+
+    events = {1.0: kill, 3.0: lambda: restarted.append(loop.run_in_executor(None, restart))}
+    stream = await steady(read_patient(stack), 100, 11, events=events)
+    await asyncio.gather(*restarted)
+    after_kill = stream.sent_after(marks["killed"] + 0.05)
+    first_back = min(s.sent_at for s in after_kill if s.served_by == "his/primary")
+    shape = majority_by_bucket(after_kill, 0.5)
+    switches = sum(1 for a, b in itertools.pairwise(shape) if a[0] != b[0])
+    ramping = [round(share, 2) for _, share in shape if 0 < share < 1]
+    report(
+        "failback",
+        requests=len(stream),
+        failures=len(stream.failures()),
+        primary_back_after_s=round(first_back - marks["back"], 2),
+        ramp_buckets=ramping,
+        switches=switches,
+    )
+    assert not stream.failures()
+    assert first_back - marks["back"] >= 2.0  # the hold-down
+    assert ramping, "traffic came back at once instead of ramping"
+    assert switches == 1, shape
+    assert shape[0][0] == "his/dr" and shape[-1] == ("his/primary", 1.0)
+
+
+async def test_a_fenced_primary_gets_no_traffic_until_ops_lift_the_fence(
+    spawn: Spawner,
+) -> None:
+    stack = start_stack(spawn, "his", HIS_READS, dr_read_only=True)
+    config = str(spawn.tmp_path / "gateway.yaml")
+    loop = asyncio.get_running_loop()
+    done: list[asyncio.Future[Any]] = []
+    counts: dict[str, int] = {}
+
+    def mode(*args: str) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "resilgate", "mode", "--config", config, *args],
+            check=True,
+            capture_output=True,
+            cwd=REPO,
+        )
+
+    def fence() -> None:
+        mode("set", "his/primary", "maintenance", "--reason", "security investigation")
+        wait_until(lambda: stack.events("endpoint_fenced"), 5, "the fence to be seen")
+        counts["fenced"] = traffic(stack.primary)
+
+    def lift() -> None:
+        counts["before_lift"] = traffic(stack.primary)
+        mode("clear", "his/primary", "--reason", "investigation closed")
+
+    events = {
+        0.5: lambda: done.append(loop.run_in_executor(None, fence)),
+        2.5: lambda: os.kill(stack.primary.pid, signal.SIGSTOP),
+        3.5: lambda: os.kill(stack.primary.pid, signal.SIGCONT),
+        7.0: lambda: done.append(loop.run_in_executor(None, lift)),
+    }
+    try:
+        stream = await steady(read_patient(stack), 50, 11, events=events)
+    finally:
+        os.kill(stack.primary.pid, signal.SIGCONT)
+    await asyncio.gather(*done)
+    lifted = stack.events("endpoint_fence_lifted")
+    report(
+        "fence",
+        requests=len(stream),
+        failures=len(stream.failures()),
+        primary_while_fenced=counts["before_lift"] - counts["fenced"],
+        served_by_primary_at_end=len(stream.served("his/primary")),
+    )
+    assert not stream.failures()
+    assert counts["before_lift"] == counts["fenced"]
+    assert lifted
+    assert stream.samples[-1].served_by == "his/primary"
