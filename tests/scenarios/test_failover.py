@@ -13,9 +13,10 @@ import time
 from typing import Any
 
 import aiohttp
+import orjson
 
 from tests.conftest import REPO, ServerProcess, Spawner, wait_until
-from tests.failover_stack import FAST_HEALTH, Stack, set_fault, start_stack, traffic
+from tests.failover_stack import FAST_HEALTH, Stack, set_fault, sim_call, start_stack, traffic
 from tests.load import Sample, steady
 
 READ_TIMEOUT_S = 2.0
@@ -254,3 +255,201 @@ async def test_a_fenced_primary_gets_no_traffic_until_ops_lift_the_fence(
     assert counts["before_lift"] == counts["fenced"]
     assert lifted
     assert stream.samples[-1].served_by == "his/primary"
+
+
+INSURANCE_ROUTES = [
+    {
+        "name": "insurance-settlement",
+        "upstream": "insurance",
+        "match": {
+            "path": "/fsi/api/callService",
+            "methods": ["POST"],
+            "body": {"field": "infno", "values": ["2207", "2208", "2601"]},
+        },
+        "retries": "never",
+        "timeouts": {"connect_s": 0.5, "total_s": 1.0},
+        "failure_body": {"format": "insurance_envelope"},
+    },
+    {
+        "name": "insurance-trial",
+        "upstream": "insurance",
+        "match": {
+            "path": "/fsi/api/callService",
+            "methods": ["POST"],
+            "body": {"field": "infno", "values": ["1101", "2206", "5203"]},
+        },
+        "retries": "safe",
+        "timeouts": {"connect_s": 0.5, "total_s": 2.0},
+        "failure_body": {"format": "insurance_envelope"},
+    },
+]
+FIXMEDINS = "H31010400001"
+
+
+class Envelopes:
+    """Insurance calls with a fresh msgid each."""
+
+    def __init__(self, url: str) -> None:
+        self.url = f"{url}/fsi/api/callService"
+        self.seq = itertools.count(1)
+
+    def envelope(self, infno: str, psn_no: str, **data: Any) -> dict[str, Any]:
+        stamp = time.strftime("%Y%m%d%H%M%S")
+        return {
+            "infno": infno,
+            "msgid": f"{FIXMEDINS}{stamp}{next(self.seq) % 10000:04d}",
+            "inf_time": "2025-03-20 09:12:00",
+            "fixmedins_code": FIXMEDINS,
+            "opter": "kiosk-07",
+            "opter_type": "2",
+            "insuplc_admdvs": "310000",
+            "input": {
+                "data": {
+                    "psn_no": psn_no,
+                    "mdtrt_id": "MD250320001",
+                    "chrg_bchno": "CB0001",
+                    "medfee_sumamt": 236.50,
+                    "insutype": "310",
+                    "med_type": "11",
+                    "acct_used_flag": "1",
+                    **data,
+                }
+            },
+        }
+
+    def call(self, infno: str, psn_no: str) -> Any:
+        return lambda http: http.post(self.url, json=self.envelope(infno, psn_no))
+
+
+async def test_insurance_platform_errors_open_the_breaker_and_business_rejections_do_not(
+    spawn: Spawner,
+) -> None:
+    stack = start_stack(spawn, "insurance", INSURANCE_ROUTES)
+    calls = Envelopes(stack.url)
+    rejected = await steady(calls.call("2206", "TEST0002"), 100, 2, keep_body=True)
+    answers = [orjson.loads(s.body) for s in rejected.samples]
+    assert {a["infcode"] for a in answers} == {"-1"}  # suspended: a business answer
+    assert {s.served_by for s in rejected.samples} == {"insurance/primary"}
+    assert not stack.events("breaker_opened")
+
+    set_fault(stack.primary, mode="platform_error")
+    trials = await steady(calls.call("2206", "TEST0001"), 100, 3, keep_body=True)
+    answers = [orjson.loads(s.body) for s in trials.samples]
+    opened = stack.events("breaker_opened")
+    report(
+        "insurance",
+        business_rejections=len(rejected),
+        trial_calls=len(trials),
+        platform_errors_seen_by_clients=sum(1 for a in answers if a["infcode"] != "0"),
+        served_by_dr=len(trials.served("insurance/dr")),
+    )
+    assert opened and opened[0]["endpoint"] == "insurance/primary"
+    assert all(a["infcode"] == "0" for a in answers)  # trial calls commit nothing: retried
+    assert trials.samples[-1].served_by == "insurance/dr"
+
+
+async def test_a_settlement_whose_primary_commits_then_hangs_is_never_sent_again(
+    spawn: Spawner,
+) -> None:
+    stack = start_stack(spawn, "insurance", INSURANCE_ROUTES)
+    set_fault(stack.primary, mode="commit_then_hang")
+    calls = Envelopes(stack.url)
+    settlement = calls.envelope("2207", "TEST0001")
+    async with aiohttp.ClientSession() as http, http.post(calls.url, json=settlement) as response:
+        body = await response.json()
+    settled = sim_call(stack.primary, "GET", "/_sim/writes")["writes"]
+    report("settlement", status=response.status, error=body["error"], primary_writes=settled)
+    assert response.status == 504
+    assert body["error"] == "upstream_timeout"
+    assert body["outcome"] == "unknown"
+    assert "5203" in body["advice"] and "2601" in body["advice"]
+    assert [w["kind"] for w in settled] == ["2207"]
+    assert traffic(stack.dr) == 0
+    set_fault(stack.primary, mode="none")
+
+
+async def test_with_every_endpoint_down_tries_stay_within_the_retry_budget(
+    spawn: Spawner,
+) -> None:
+    stack = start_stack(spawn, "his", HIS_READS, dr_read_only=True)
+    for server in (stack.primary, stack.dr):
+        set_fault(server, mode="error_rate", rate=1.0, status=503, path_prefix="/fhir/")
+    stream = await steady(read_patient(stack), 100, 4)
+    tries = traffic(stack.primary) + traffic(stack.dr)
+    budget = 0.2 * len(stream) + 3 * 10  # ratio of requests, plus the floor per second
+    fast = [s for s in stream.samples[-100:] if s.latency_s < 0.05]
+    report(
+        "all-down-503",
+        requests=len(stream),
+        tries=tries,
+        allowed=len(stream) + budget,
+        statuses=sorted({s.status for s in stream.samples}),
+    )
+    assert tries <= len(stream) + budget
+    assert tries < len(stream)  # open breakers stop most tries altogether
+    assert len(fast) == 100  # the last second: answered at once, no tries
+
+
+async def test_with_every_endpoint_hanging_clients_get_the_error_quickly(
+    spawn: Spawner,
+) -> None:
+    stack = start_stack(spawn, "his", HIS_READS, dr_read_only=True)
+    for server in (stack.primary, stack.dr):
+        set_fault(server, mode="hang")
+    try:
+        stream = await steady(read_patient(stack), 50, 6)
+    finally:
+        for server in (stack.primary, stack.dr):
+            set_fault(server, mode="none")
+    start = stream.samples[0].sent_at
+    late = stream.sent_after(start + 3.0)
+    two_timeouts = stream.slower_than(READ_TIMEOUT_S + 0.25)
+    report(
+        "all-down-hang",
+        requests=len(stream),
+        slowest_ms=round(max(s.latency_s for s in stream.samples) * 1000),
+        over_one_timeout=len(two_timeouts),
+        late_slowest_ms=round(max(s.latency_s for s in late) * 1000, 1),
+    )
+    assert {s.status for s in late} == {503}
+    assert max(s.latency_s for s in late) < 0.1
+    # Only retries and hedges take longer than one try, and the budget bounds them.
+    assert len(two_timeouts) <= max(0.2 * len(stream), 3 * 10)
+
+
+REGISTRATION_ROUTES = [
+    {
+        "name": "registration-register",
+        "upstream": "registration",
+        "match": {"path_prefix": "/reg/v1/registrations", "methods": ["POST", "PUT"]},
+        "timeouts": {"connect_s": 0.5, "total_s": 1.0},
+    }
+]
+
+
+async def test_a_post_is_sent_again_only_with_an_idempotency_key(spawn: Spawner) -> None:
+    stack = start_stack(spawn, "registration", REGISTRATION_ROUTES)
+    set_fault(stack.primary, mode="hang", path_prefix="/reg/v1/registrations")
+    booking = {
+        "patientId": "test-0001",
+        "dept": "NEI",
+        "doctorId": "D001",
+        "slotId": "NEI-AM-01",
+        "payType": "self-pay",
+        "channel": "kiosk",
+    }
+    url = f"{stack.url}/reg/v1/registrations"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, json=booking) as response:
+            without_key = response.status
+        dr_after_plain_post = traffic(stack.dr)
+        headers = {"Idempotency-Key": "kiosk-07-0001"}
+        async with http.post(url, json=booking, headers=headers) as response:
+            with_key = response.status
+            served_by = response.headers.get("X-Resilgate-Upstream")
+    set_fault(stack.primary, mode="none")
+    report("post", without_key=without_key, with_key=with_key, served_by=served_by)
+    assert without_key == 504
+    assert dr_after_plain_post == 0
+    assert served_by == "registration/dr"
+    assert traffic(stack.dr) == 1
