@@ -83,6 +83,7 @@ class Fleet:
         health = self._healths.get(label)
         if health is None:
             return
+        health.share(time.monotonic())  # a down episode starts the hold-down clock
         if new == "open":
             health.load.clear_stall()  # the breaker keeps it out from here
         if new == "half_open":
@@ -146,6 +147,9 @@ class Fleet:
             self.metrics.probe_changes.labels(health.endpoint.label, probes.verdict).inc()
             if probes.verdict == "up":
                 health.load.alive()
+            elif probes.verdict == "down":
+                # Its breaker opens too, so the verdict reaches the fleet like any other.
+                health.breaker.trip("probes down")
             health.share(time.monotonic())
 
         return changed

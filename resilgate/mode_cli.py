@@ -20,8 +20,8 @@ from resilgate.state.records import AuditRecord, ForcedMode, ModeName
 from resilgate.state.store import StateStore, StoreUnavailable
 
 NOT_YET = (
-    "note: this version records, audits and propagates modes; the request path does not act "
-    "on them until the mode gate lands with DR failover"
+    "note: until the fallbacks land, an upstream or route in fallback mode answers 503 "
+    "upstream_in_maintenance, like maintenance"
 )
 
 
@@ -54,7 +54,8 @@ async def _set(
     detail = f"mode={mode}" + (f" expires_in_s={expires_in:g}" if expires_in else "")
     await store.audit_append(AuditRecord(now, actor, "mode.set", target, reason, detail))
     print(f"{target}: {mode} ({reason})")
-    print(NOT_YET, file=sys.stderr)
+    if mode == "fallback":
+        print(NOT_YET, file=sys.stderr)
     return 0
 
 

@@ -62,7 +62,7 @@ class RetryBudget:
         config = self._config
         share = config.ratio * self._requests.total(now)
         floor = config.min_per_s * config.window_s
-        return int(max(share, floor))
+        return math.floor(max(share, floor) + 1e-9)  # 0.29 * 100 is 28.999...
 
     def note_request(self) -> None:
         self._requests.add(self._clock())

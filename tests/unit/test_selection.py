@@ -150,7 +150,7 @@ FORCED: st.SearchStrategy[ModeName | None] = st.sampled_from([None, "auto", "pri
 DRAWS = st.floats(0, 1, exclude_max=True)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(candidates=candidate_sets(), write=st.booleans(), forced=FORCED, draw=DRAWS)
 def test_plan_only_ever_holds_endpoints_allowed_to_take_the_request(
     candidates: list[Candidate], write: bool, forced: ModeName | None, draw: float
@@ -185,7 +185,7 @@ def test_plan_only_ever_holds_endpoints_allowed_to_take_the_request(
     assert stalled == sorted(stalled), "a stalled endpoint went before a live one"
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(candidates=candidate_sets(), write=st.booleans(), draw=DRAWS)
 def test_without_ramping_or_stalls_the_order_is_by_priority(
     candidates: list[Candidate], write: bool, draw: float
@@ -196,7 +196,7 @@ def test_without_ramping_or_stalls_the_order_is_by_priority(
     assert priorities == sorted(priorities)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(candidates=candidate_sets(), write=st.booleans(), draw=DRAWS)
 def test_forced_primary_picks_the_lowest_usable_tier_minus_full_endpoints(
     candidates: list[Candidate], write: bool, draw: float

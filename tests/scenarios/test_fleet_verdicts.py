@@ -1,0 +1,106 @@
+"""Two gateway replicas sharing Redis: breaker verdicts travel through the store, and a
+replica with a bad link moves the fleet only when a quorum agrees."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Spawner, wait_until
+from tests.failover_stack import FAST_HEALTH, Stack, start_stack
+from tests.load import steady
+from tests.redis_server import RedisServer
+
+ROUTES = [
+    {
+        "name": "his-read",
+        "upstream": "his",
+        "match": {"path_prefix": "/fhir/", "methods": ["GET"]},
+        "timeouts": {"connect_s": 0.5, "total_s": 2.0},
+    }
+]
+
+
+def dead_port() -> int:
+    """A loopback port nobody listens on: connecting is refused (a replica's bad link)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def at(record: dict[str, Any]) -> float:
+    return datetime.fromisoformat(record["timestamp"]).timestamp()
+
+
+def replicas(
+    spawn: Spawner, tmp_path: Path, redis: RedisServer, quorum: int
+) -> tuple[Stack, Stack]:
+    state = {"backend": "redis", "redis_url": redis.url}
+    health = {**FAST_HEALTH, "breaker": {**FAST_HEALTH["breaker"], "quorum": quorum}}
+    healthy = start_stack(
+        spawn,
+        "his",
+        ROUTES,
+        dr_read_only=True,
+        health=health,
+        name="replica-b",
+        state={**state, "spool_path": str(tmp_path / "b-spool.db")},
+    )
+    cut_off = start_stack(
+        spawn,
+        "his",
+        ROUTES,
+        dr_read_only=True,
+        health=health,
+        name="replica-a",
+        primary=healthy.primary,
+        dr=healthy.dr,
+        primary_url=f"http://127.0.0.1:{dead_port()}",
+        state={**state, "spool_path": str(tmp_path / "a-spool.db")},
+    )
+    return cut_off, healthy
+
+
+def reads(stack: Stack) -> Callable[[Any], Any]:
+    url = f"{stack.url}/fhir/Patient/test-0001"
+    return lambda http: http.get(url)
+
+
+@pytest.mark.parametrize("quorum", [1, 2])
+async def test_an_open_verdict_reaches_the_other_replica_within_a_second(
+    spawn: Spawner, tmp_path: Path, redis_server: RedisServer, quorum: int
+) -> None:
+    cut_off, healthy = replicas(spawn, tmp_path, redis_server, quorum)
+    # Replica A cannot reach the primary; its own traffic opens its breaker.
+    await steady(reads(cut_off), 50, 0.5)
+    opened = wait_until(lambda: cut_off.events("breaker_opened"), 5, "A's breaker to open")[0]
+    seen = wait_until(
+        lambda: [
+            r
+            for r in healthy.events("remote_verdict_seen")
+            if r["endpoint"] == "his/primary" and r["state"] == "open"
+        ],
+        5,
+        "B to see A's verdict",
+    )[0]
+    lag_s = at(seen) - at(opened)
+    stream = await steady(reads(healthy), 50, 1)
+    adopted = healthy.events("quorum_open_adopted")
+    print(
+        f"\n[verdicts quorum={quorum}] seen after {lag_s * 1000:.0f} ms, "
+        f"B served by {sorted({s.served_by for s in stream.samples})}"
+    )
+    assert lag_s < 1.0
+    assert not stream.failures()
+    if quorum == 1:
+        assert adopted
+        assert {s.served_by for s in stream.samples} == {"his/dr"}
+    else:
+        # One replica with a bad link does not move the fleet.
+        assert not adopted
+        assert {s.served_by for s in stream.samples} == {"his/primary"}
