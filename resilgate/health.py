@@ -1,11 +1,12 @@
 """An endpoint's health as one worker judges it, from every signal it has.
 
 The rule (also in the README): an endpoint is **down** while any of these holds: its breaker
-is open (this worker's own traffic), its probes say down, ops fenced it (``maintenance``), or a
-quorum of other replicas has its breaker open. It is **clear** when none holds and its probes,
-if it has any, say up. After being down it gets traffic again only once it has been clear for
-the hold-down time; then its share ramps from ``ramp_start`` to all of it over ``ramp_s``.
-Half-open trials are part of that returning traffic, so they also wait for the hold-down.
+is open (this worker's own traffic; probes going down open it too), its probes say down, ops
+fenced it (``maintenance``), or a quorum of other replicas has its breaker open. It is
+**clear** when none holds and its probes, if it has any, say up. After being down it gets
+traffic again only once it has been clear for the hold-down time; then its share ramps from
+``ramp_start`` to all of it over ``ramp_s``. Half-open trials are part of that returning
+traffic, so they also wait for the hold-down.
 """
 
 from __future__ import annotations

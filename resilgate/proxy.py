@@ -1,4 +1,4 @@
-"""The request path: match route -> choose endpoint -> call upstream -> stream the answer back."""
+"""The request path: route -> mode gate -> endpoints -> attempts -> stream the answer back."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import orjson
 from aiohttp import StreamReader, hdrs, web
 from aiohttp.http import HttpVersion11
 
+from resilgate.breaker import Admission
 from resilgate.config import Config, Route
 from resilgate.errors import (
     ClientGone,
@@ -226,7 +227,7 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
             for h in runtime.endpoints
         )
         raise NoEndpoint(f"no endpoint of {route.upstream} can take this request ({down})")
-    return await _exchange(request, gateway, route, runtime, order, body, retry)
+    return await _exchange(request, gateway, route, runtime, order, body, retry, forced)
 
 
 def _mode_gate(gateway: Gateway, route: Route) -> ModeName | None:
@@ -276,6 +277,24 @@ class _Failed:
     health: EndpointHealth
     error: GatewayError
     reached: bool  # the request may have reached the endpoint
+    sent: bool = True  # False: its breaker refused it before anything was sent
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcomes:
+    """Feeds one attempt's outcome to its endpoint's breaker; an attempt that ops forced past
+    the breaker (mode ``primary``) has no admission and reports nothing."""
+
+    health: EndpointHealth
+    admission: Admission | None
+
+    def record(self, *, failed: bool, latency_s: float) -> None:
+        if self.admission is not None:
+            self.health.breaker.record(self.admission, failed=failed, latency_s=latency_s)
+
+    def abandon(self) -> None:
+        if self.admission is not None:
+            self.health.breaker.abandon(self.admission)
 
 
 class _Exchange:
@@ -289,8 +308,10 @@ class _Exchange:
         runtime: UpstreamRuntime,
         body: bytes | None,
         retry: bool,
+        forced: ModeName | None,
     ) -> None:
         self.request = request
+        self.forced = forced == "primary"
         self.gateway = gateway
         self.route = route
         self.runtime = runtime
@@ -318,8 +339,10 @@ class _Exchange:
     async def attempt(self, health: EndpointHealth) -> _Answer | _Failed:
         """One try at one endpoint, with the route's timeouts; outcome fed to its breaker."""
         admission = health.breaker.admit()
-        if admission is None:
-            return _Failed(health, NoEndpoint(f"{health.endpoint.label} refused by breaker"), False)
+        if admission is None and not self.forced:
+            refused = NoEndpoint(f"{health.endpoint.label} refused by its breaker")
+            return _Failed(health, refused, reached=False, sent=False)
+        breaker = _Outcomes(health, admission)
         self.tries += 1
         load = health.load
         attempt = load.start()
@@ -329,14 +352,13 @@ class _Exchange:
         except asyncio.CancelledError:
             # A hedge won, or the client left. Waiting on a stalled endpoint is its failure.
             if load.stalled_since is not None:
-                latency = time.perf_counter() - started
-                health.breaker.record(admission, failed=True, latency_s=latency)
+                breaker.record(failed=True, latency_s=time.perf_counter() - started)
             else:
-                health.breaker.abandon(admission)
+                breaker.abandon()
             load.finished(attempt)
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
-            health.breaker.record(admission, failed=True, latency_s=time.perf_counter() - started)
+            breaker.record(failed=True, latency_s=time.perf_counter() - started)
             load.finished(attempt)
             self._raise_if_client_side(exc)
             error = _upstream_error(exc, health.endpoint)
@@ -349,15 +371,15 @@ class _Exchange:
             if length is not None and length <= SMALL_BODY_BYTES and self.request.method != "HEAD":
                 answer.body = await response.read()
         except asyncio.CancelledError:
-            health.breaker.abandon(admission)
+            breaker.abandon()
             answer.release()
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
-            health.breaker.record(admission, failed=True, latency_s=latency)
+            breaker.record(failed=True, latency_s=latency)
             answer.release()
             return _Failed(health, _upstream_error(exc, health.endpoint), True)
         answer.failure = self._judge(health.endpoint, response.status, answer.body)
-        health.breaker.record(admission, failed=bool(answer.failure), latency_s=latency)
+        breaker.record(failed=bool(answer.failure), latency_s=latency)
         return answer
 
     async def _send(self, endpoint: Endpoint) -> aiohttp.ClientResponse:
@@ -433,7 +455,8 @@ class _Exchange:
                     else:
                         error = outcome.error
                     if self._waiting and not self._running and self.may_try_next(outcome):
-                        self._start("retry")
+                        sent = not isinstance(outcome, _Failed) or outcome.sent
+                        self._start("retry" if sent else "first")
             if self._kept is not None:
                 kept, self._kept = self._kept, None
                 return kept
@@ -489,8 +512,9 @@ async def _exchange(
     order: list[Endpoint],
     body: bytes | None,
     retry: bool,
+    forced: ModeName | None,
 ) -> web.StreamResponse:
-    exchange = _Exchange(request, gateway, route, runtime, body, retry)
+    exchange = _Exchange(request, gateway, route, runtime, body, retry, forced)
     try:
         answer = await exchange.run(order)
     except UpstreamError as error:
