@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 from pydantic import AnyHttpUrl
 
-from resilgate.config import Config, Endpoint, Listener, Listeners, Upstream
+from resilgate.config import Config, Endpoint, Listener, Listeners
 from resilgate.simulators import SIMULATOR_KINDS
 from resilgate.workers import die_with_parent, serve
 
@@ -88,7 +88,7 @@ def _with_ports(config: Config, simulators: list[_Simulator], port: int | None) 
                 port=by_site[name, endpoint.name],
             )
             endpoints.append(endpoint.model_copy(update={"url": url}))
-        upstreams[name] = Upstream(endpoints=endpoints)
+        upstreams[name] = upstream.model_copy(update={"endpoints": endpoints})
     listeners = config.listeners
     if port is not None:
         listeners = Listeners(public=Listener(host=listeners.public.host, port=port))

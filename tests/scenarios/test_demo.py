@@ -65,6 +65,16 @@ async def test_demo_serves_every_system_and_stops_cleanly(spawn: Spawner, tmp_pa
             assert resp.headers["X-Resilgate-Upstream"] == "insurance/primary"
             assert (await resp.json(content_type=None))["infcode"] == "0"
 
+    def synthetic_up() -> set[str]:
+        return {
+            r["endpoint"]
+            for r in demo.log_records()
+            if r.get("event") == "probe_up" and r.get("check") == "synthetic"
+        }
+
+    # The shipped synthetic probes (HIS allergy read, registration board, insurance 2206 for
+    # the test patient) pass against the simulators on every endpoint.
+    wait_until(lambda: len(synthetic_up()) == 6, 15, "every synthetic probe to pass")
     demo.signal(signal.SIGTERM)
     assert demo.proc.wait(timeout=30) == 0
     wait_until(lambda: not any(alive(pid) for pid in simulator_pids), 10, "simulators to stop")
