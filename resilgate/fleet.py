@@ -57,7 +57,8 @@ class Fleet:
         self._healths = {h.endpoint.label: h for rt in self.runtimes.values() for h in rt.endpoints}
         self._outbox: asyncio.Queue[Verdict] = asyncio.Queue()
         self._leases: dict[str, asyncio.Task[None]] = {}
-        self._half_open_at: dict[str, float] = {}  # wall clock, for remote "closed" verdicts
+        self._opened_at: dict[str, float] = {}  # wall clock of our last opening
+        self._recovered_at: dict[str, float] = {}  # another replica closed it after trials
         self._seen: dict[tuple[str, str], str] = {}  # (endpoint, replica) -> state seen
 
     def __repr__(self) -> str:
@@ -85,11 +86,10 @@ class Fleet:
             return
         health.share(time.monotonic())  # a down episode starts the hold-down clock
         if new == "open":
+            self._opened_at[label] = time.time()
             health.load.clear_stall()  # the breaker keeps it out from here
-        if new == "half_open":
-            self._half_open_at[label] = time.time()
-            if label not in self._leases:
-                self._leases[label] = asyncio.get_running_loop().create_task(self._trials(health))
+        if new == "half_open" and label not in self._leases:
+            self._leases[label] = asyncio.get_running_loop().create_task(self._trials(health))
 
     async def _trials(self, health: EndpointHealth) -> None:
         """Hold the fleet's trial lease of a half-open endpoint; only its holder sends trials."""
@@ -188,8 +188,11 @@ class Fleet:
             if verdict.replica == self.replica:
                 continue
             key = (verdict.endpoint, verdict.replica)
-            if self._seen.get(key) != verdict.state:
+            before = self._seen.get(key)
+            if before != verdict.state:
                 self._seen[key] = verdict.state
+                if before in ("open", "half_open") and verdict.state == "closed":
+                    self._recovered_at[verdict.endpoint] = verdict.at
                 log.info(
                     "remote_verdict_seen",
                     endpoint=verdict.endpoint,
@@ -207,8 +210,10 @@ class Fleet:
                 verdict.state == "closed"
                 and health.breaker.state == "half_open"
                 and not health.breaker.trials_allowed
-                and verdict.at >= self._half_open_at.get(verdict.endpoint, wall)
+                and self._recovered_at.get(verdict.endpoint, 0.0)
+                >= self._opened_at.get(verdict.endpoint, wall)
             ):
+                # The lease holder's trials passed since we opened: no need to repeat them.
                 health.breaker.close(f"trials passed at {verdict.replica}")
         for label, health in self._healths.items():
             quorum = self.config.upstreams[health.endpoint.upstream].breaker.quorum

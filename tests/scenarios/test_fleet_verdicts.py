@@ -3,6 +3,7 @@ replica with a bad link moves the fleet only when a quorum agrees."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 from datetime import datetime
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Spawner, wait_until
-from tests.failover_stack import FAST_HEALTH, Stack, start_stack
+from tests.failover_stack import FAST_HEALTH, Stack, set_fault, start_stack
 from tests.load import steady
 from tests.redis_server import RedisServer
 
@@ -104,3 +105,43 @@ async def test_an_open_verdict_reaches_the_other_replica_within_a_second(
         # One replica with a bad link does not move the fleet.
         assert not adopted
         assert {s.served_by for s in stream.samples} == {"his/primary"}
+
+
+async def test_one_replica_holds_the_trial_lease_and_its_trials_close_both(
+    spawn: Spawner, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    state = {"backend": "redis", "redis_url": redis_server.url}
+    first = start_stack(
+        spawn,
+        "his",
+        ROUTES,
+        dr_read_only=True,
+        name="replica-a",
+        state={**state, "spool_path": str(tmp_path / "a-spool.db")},
+    )
+    second = start_stack(
+        spawn,
+        "his",
+        ROUTES,
+        dr_read_only=True,
+        name="replica-b",
+        primary=first.primary,
+        dr=first.dr,
+        state={**state, "spool_path": str(tmp_path / "b-spool.db")},
+    )
+    set_fault(first.primary, mode="error_rate", rate=1.0, status=503, path_prefix="/fhir/")
+    await asyncio.gather(steady(reads(first), 50, 1), steady(reads(second), 50, 1))
+    assert all(stack.events("breaker_opened") for stack in (first, second))
+    set_fault(first.primary, mode="none")
+    streams = await asyncio.gather(steady(reads(first), 50, 6), steady(reads(second), 50, 6))
+
+    def how_closed(stack: Stack) -> list[str]:
+        return [r["reason"] for r in stack.events("breaker_closed")]
+
+    reasons = [how_closed(first), how_closed(second)]
+    print(f"\n[trial lease] closed by: {reasons}")
+    assert not any(stream.failures() for stream in streams)
+    assert all(len(r) == 1 for r in reasons), reasons
+    own = [r[0] for r in reasons if not r[0].startswith("trials passed at")]
+    assert len(own) == 1, reasons  # one replica ran the trials, the other took its word
+    assert all(stream.samples[-1].served_by == "his/primary" for stream in streams)
