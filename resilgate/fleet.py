@@ -169,9 +169,12 @@ class Fleet:
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
-            self._read_view()
-            for health in self._healths.values():
-                health.share(now)  # moves hold-down and ramp on without traffic
+            try:
+                self._read_view()
+                for health in self._healths.values():
+                    health.share(now)  # moves hold-down and ramp on without traffic
+            except Exception:  # logged, and the next tick tries again; probes keep running
+                log.exception("fleet_tick_failed")
             if now >= republish_at:
                 republish_at = now + REPUBLISH_S
                 for label, health in self._healths.items():

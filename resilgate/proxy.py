@@ -440,8 +440,8 @@ class _Exchange:
                 )
                 if not done:
                     if any(h.load.stalled() for h in self._running.values()):
-                        hedged = self._start("hedge")
-                        if hedged:
+                        hedged = True  # once per request, whether the budget allows it or not
+                        if self._start("hedge"):
                             self.request[OUTCOME] = "hedged"
                     continue
                 for task in done:
