@@ -534,3 +534,29 @@ async def wait_for(call: Any, done: Any, within_s: float = 5.0) -> Any:
             return result
         assert time.monotonic() < deadline, f"still {result} after {within_s}s"
         await asyncio.sleep(0.02)
+
+
+async def test_a_full_bulkhead_sends_the_overflow_to_the_next_endpoint_at_once(
+    spawn: Spawner,
+) -> None:
+    stack = start_stack(
+        spawn, "his", HIS_READS, dr_read_only=True, health={**FAST_HEALTH, "max_in_flight": 5}
+    )
+    set_fault(stack.primary, mode="slow", latency_ms=500, path_prefix="/fhir/")
+    try:
+        stream = await steady(read_patient(stack), 100, 1)
+    finally:
+        set_fault(stack.primary, mode="none")
+    on_primary = stream.served("his/primary")
+    on_dr = stream.served("his/dr")
+    report(
+        "bulkhead",
+        requests=len(stream),
+        on_primary=len(on_primary),
+        on_dr=len(on_dr),
+        dr_slowest_ms=round(max(s.latency_s for s in on_dr) * 1000, 1),
+    )
+    assert not stream.failures()
+    # 1 s at 100/s against a primary taking 0.5 s: at most 5 at a time there, so about 10.
+    assert 5 <= len(on_primary) <= 15
+    assert max(s.latency_s for s in on_dr) < 0.25  # the overflow did not queue behind it
