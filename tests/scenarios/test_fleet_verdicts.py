@@ -39,11 +39,16 @@ def at(record: dict[str, Any]) -> float:
 
 
 def replicas(
-    spawn: Spawner, tmp_path: Path, redis: RedisServer, quorum: int
+    spawn: Spawner,
+    tmp_path: Path,
+    redis: RedisServer,
+    health: dict[str, Any],
+    cut_link: bool = False,
 ) -> tuple[Stack, Stack]:
+    """Replicas A and B sharing Redis and the simulators; with ``cut_link`` A's link to the
+    primary is cut (refused), B's is fine."""
     state = {"backend": "redis", "redis_url": redis.url}
-    health = {**FAST_HEALTH, "breaker": {**FAST_HEALTH["breaker"], "quorum": quorum}}
-    healthy = start_stack(
+    b = start_stack(
         spawn,
         "his",
         ROUTES,
@@ -52,19 +57,19 @@ def replicas(
         name="replica-b",
         state={**state, "spool_path": str(tmp_path / "b-spool.db")},
     )
-    cut_off = start_stack(
+    a = start_stack(
         spawn,
         "his",
         ROUTES,
         dr_read_only=True,
         health=health,
         name="replica-a",
-        primary=healthy.primary,
-        dr=healthy.dr,
-        primary_url=f"http://127.0.0.1:{dead_port()}",
+        primary=b.primary,
+        dr=b.dr,
+        primary_url=f"http://127.0.0.1:{dead_port()}" if cut_link else None,
         state={**state, "spool_path": str(tmp_path / "a-spool.db")},
     )
-    return cut_off, healthy
+    return a, b
 
 
 def reads(stack: Stack) -> Callable[[Any], Any]:
@@ -76,7 +81,8 @@ def reads(stack: Stack) -> Callable[[Any], Any]:
 async def test_an_open_verdict_reaches_the_other_replica_within_a_second(
     spawn: Spawner, tmp_path: Path, redis_server: RedisServer, quorum: int
 ) -> None:
-    cut_off, healthy = replicas(spawn, tmp_path, redis_server, quorum)
+    health = {**FAST_HEALTH, "breaker": {**FAST_HEALTH["breaker"], "quorum": quorum}}
+    cut_off, healthy = replicas(spawn, tmp_path, redis_server, health, cut_link=True)
     # Replica A cannot reach the primary; its own traffic opens its breaker.
     await steady(reads(cut_off), 50, 0.5)
     opened = wait_until(lambda: cut_off.events("breaker_opened"), 5, "A's breaker to open")[0]
@@ -110,25 +116,7 @@ async def test_an_open_verdict_reaches_the_other_replica_within_a_second(
 async def test_one_replica_holds_the_trial_lease_and_its_trials_close_both(
     spawn: Spawner, tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    state = {"backend": "redis", "redis_url": redis_server.url}
-    first = start_stack(
-        spawn,
-        "his",
-        ROUTES,
-        dr_read_only=True,
-        name="replica-a",
-        state={**state, "spool_path": str(tmp_path / "a-spool.db")},
-    )
-    second = start_stack(
-        spawn,
-        "his",
-        ROUTES,
-        dr_read_only=True,
-        name="replica-b",
-        primary=first.primary,
-        dr=first.dr,
-        state={**state, "spool_path": str(tmp_path / "b-spool.db")},
-    )
+    first, second = replicas(spawn, tmp_path, redis_server, FAST_HEALTH)
     set_fault(first.primary, mode="error_rate", rate=1.0, status=503, path_prefix="/fhir/")
     await asyncio.gather(steady(reads(first), 50, 1), steady(reads(second), 50, 1))
     assert all(stack.events("breaker_opened") for stack in (first, second))
