@@ -98,13 +98,15 @@ class EndpointHealth:
         return start + (1 - start) * ramping / ramp_s
 
     def candidate(self, now: float) -> Candidate:
+        share = self.share(now)
         return Candidate(
             endpoint=self.endpoint,
-            share=self.share(now),
+            share=share,
             admits=self.breaker.allows(),
             full=self.load.full,
             stalled=self.load.stalled(),
             fenced=self.fenced,
+            holding=share == 0 and self._clear_since is not None,
         )
 
 

@@ -132,6 +132,19 @@ def test_half_open_trials_wait_for_the_hold_down() -> None:
     assert [e.name for e in trial] == ["primary", "dr"]  # draw 0 < ramp_start
 
 
+def test_with_every_other_site_down_a_holding_endpoint_serves_at_once() -> None:
+    rig = Rig()
+    dr = rig.runtime.by_label("his/dr")
+    assert dr is not None
+    rig.open_breaker_until_half_open()
+    rig.health.breaker.trials_allowed = True
+    dr.fenced = True  # the other site is out too: waiting out the hold-down helps nobody
+    candidates = [h.candidate(rig.clock.now) for h in rig.runtime.endpoints]
+    assert [c.holding for c in candidates] == [True, False]
+    only = plan(candidates, write=False, forced=None, draw=0.99)
+    assert [e.name for e in only] == ["primary"]
+
+
 @pytest.mark.parametrize("during", ["hold-down", "ramp"])
 def test_a_new_down_episode_restarts_hold_down_and_ramp(during: str) -> None:
     rig = Rig()

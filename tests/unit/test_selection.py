@@ -56,6 +56,16 @@ def test_nothing_usable_gives_an_empty_plan() -> None:
     assert plan(candidates, write=False, forced=None, draw=0.0) == []
 
 
+def test_a_holding_endpoint_is_used_only_when_nothing_else_can_serve() -> None:
+    holding = healthy(PRIMARY, share=0.0)
+    holding = replace(holding, holding=True)
+    assert names(plan([holding, healthy(DR)], write=False, forced=None, draw=0.0)) == ["dr"]
+    alone = [holding, healthy(DR, share=0.0)]
+    assert names(plan(alone, write=False, forced=None, draw=0.0)) == ["primary"]
+    refusing = [replace(holding, admits=False), healthy(DR, share=0.0)]
+    assert plan(refusing, write=False, forced=None, draw=0.0) == []
+
+
 def test_a_write_never_goes_to_a_read_only_replica_a_read_may() -> None:
     candidates = [healthy(PRIMARY, share=0.0), healthy(REPLICA)]
     assert plan(candidates, write=True, forced=None, draw=0.0) == []
