@@ -40,7 +40,7 @@ from resilgate.routes import RouteTable, host_without_port
 from resilgate.selection import plan
 from resilgate.state.records import ModeName
 from resilgate.state.view import StateView
-from resilgate.upstream import Cluster, Endpoint, clusters_from
+from resilgate.upstream import Endpoint, clusters_from
 
 log = get_logger("resilgate.proxy")
 
@@ -67,7 +67,6 @@ class Gateway:
 
     config: Config
     routes: RouteTable
-    clusters: Mapping[str, Cluster]
     timeouts: Mapping[str, aiohttp.ClientTimeout]
     fleet: Fleet
     session: aiohttp.ClientSession | None = field(default=None)
@@ -82,12 +81,11 @@ class Gateway:
             )
             for route in config.routes
         }
-        clusters = clusters_from(config)
-        fleet = Fleet(config, clusters, Metrics())
-        return cls(config, RouteTable(config.routes), clusters, timeouts, fleet)
+        fleet = Fleet(config, clusters_from(config), Metrics())
+        return cls(config, RouteTable(config.routes), timeouts, fleet)
 
     def __repr__(self) -> str:
-        return f"<Gateway {self.routes!r} upstreams={sorted(self.clusters)}>"
+        return f"<Gateway {self.routes!r} upstreams={sorted(self.fleet.runtimes)}>"
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

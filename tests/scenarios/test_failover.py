@@ -17,6 +17,7 @@ import orjson
 
 from tests.conftest import REPO, ServerProcess, Spawner, wait_until
 from tests.failover_stack import FAST_HEALTH, Stack, set_fault, sim_call, start_stack, traffic
+from tests.insurance_calls import FIXMEDINS, envelope, settle_input
 from tests.load import Sample, steady
 
 READ_TIMEOUT_S = 2.0
@@ -283,7 +284,6 @@ INSURANCE_ROUTES = [
         "failure_body": {"format": "insurance_envelope"},
     },
 ]
-FIXMEDINS = "H31010400001"
 
 
 class Envelopes:
@@ -294,28 +294,8 @@ class Envelopes:
         self.seq = itertools.count(1)
 
     def envelope(self, infno: str, psn_no: str, **data: Any) -> dict[str, Any]:
-        stamp = time.strftime("%Y%m%d%H%M%S")
-        return {
-            "infno": infno,
-            "msgid": f"{FIXMEDINS}{stamp}{next(self.seq) % 10000:04d}",
-            "inf_time": "2025-03-20 09:12:00",
-            "fixmedins_code": FIXMEDINS,
-            "opter": "kiosk-07",
-            "opter_type": "2",
-            "insuplc_admdvs": "310000",
-            "input": {
-                "data": {
-                    "psn_no": psn_no,
-                    "mdtrt_id": "MD250320001",
-                    "chrg_bchno": "CB0001",
-                    "medfee_sumamt": 236.50,
-                    "insutype": "310",
-                    "med_type": "11",
-                    "acct_used_flag": "1",
-                    **data,
-                }
-            },
-        }
+        msgid = f"{FIXMEDINS}{time.strftime('%Y%m%d%H%M%S')}{next(self.seq) % 10000:04d}"
+        return envelope(infno, msgid, {**settle_input(236.50, "CB0001", psn_no=psn_no), **data})
 
     def call(self, infno: str, psn_no: str) -> Any:
         return lambda http: http.post(self.url, json=self.envelope(infno, psn_no))

@@ -15,6 +15,7 @@ from resilgate.config import FailureBody
 from resilgate.failure_body import body_failure
 from resilgate.simulators import SimulatorOptions
 from resilgate.simulators.faults import Action, SimControl, parse_fault
+from tests.insurance_calls import envelope, settle_input
 
 SHORT = aiohttp.ClientTimeout(total=0.5)
 INSURANCE_RULE = FailureBody(format="insurance_envelope")
@@ -303,26 +304,8 @@ def test_flap_switches_phase_every_period_on_the_monotonic_clock() -> None:
 
 
 def trial_envelope(msgid: str, psn_no: str = "TEST0001", infno: str = "2206") -> dict[str, Any]:
-    return {
-        "infno": infno,
-        "msgid": msgid,
-        "inf_time": "2025-03-20 09:12:00",
-        "fixmedins_code": "H31010400001",
-        "opter": "kiosk-07",
-        "opter_type": "2",
-        "insuplc_admdvs": "310000",
-        "input": {
-            "data": {
-                "psn_no": psn_no,
-                "mdtrt_id": "MD250320001",
-                "chrg_bchno": "CB-FAULT-1",
-                "medfee_sumamt": 10.00,
-                "insutype": "310",
-                "med_type": "11",
-                "acct_used_flag": "0",
-            }
-        },
-    }
+    data = settle_input(10.00, "CB-FAULT-1", psn_no=psn_no, acct_used_flag="0")
+    return envelope(infno, msgid, data)
 
 
 async def test_platform_error_on_insurance_is_an_error_envelope_that_applies_nothing(

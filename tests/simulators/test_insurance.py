@@ -11,7 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-FIXMEDINS = "H31010400001"
+from tests.insurance_calls import FIXMEDINS, envelope, settle_input
+
 TODAY = datetime.now(timezone(timedelta(hours=8))).date().isoformat()
 
 
@@ -35,18 +36,9 @@ class Caller:
         section: str = "data",
         client_timeout: aiohttp.ClientTimeout | None = None,
     ) -> dict[str, Any]:
-        envelope = {
-            "infno": infno,
-            "msgid": msgid or self.msgid(),
-            "inf_time": "2025-03-20 09:12:00",
-            "fixmedins_code": FIXMEDINS,
-            "opter": "kiosk-07",
-            "opter_type": "2",
-            "insuplc_admdvs": "310000",
-            "input": {section: data or {}},
-        }
+        call = envelope(infno, msgid or self.msgid(), data or {}, section=section)
         async with self.http.post(
-            f"{self.url}/fsi/api/callService", json=envelope, timeout=client_timeout
+            f"{self.url}/fsi/api/callService", json=call, timeout=client_timeout
         ) as response:
             assert response.status == 200  # business errors too
             answer: dict[str, Any] = await response.json()
@@ -62,18 +54,6 @@ def ok(answer: dict[str, Any]) -> dict[str, Any]:
     assert answer["infcode"] == "0", answer["err_msg"]
     output: dict[str, Any] = answer["output"]
     return output
-
-
-def settle_input(amount: float, bchno: str, mdtrt_id: str = "MD250320001") -> dict[str, Any]:
-    return {
-        "psn_no": "TEST0001",
-        "mdtrt_id": mdtrt_id,
-        "chrg_bchno": bchno,
-        "medfee_sumamt": amount,
-        "insutype": "310",
-        "med_type": "11",
-        "acct_used_flag": "1",
-    }
 
 
 def parts_add_up(setlinfo: dict[str, Any]) -> bool:
