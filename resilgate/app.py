@@ -10,12 +10,15 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from fallbacks import REGISTRY
 from resilgate.config import Config
-from resilgate.errors import ClientGone, GatewayError
+from resilgate.errors import ClientGone, GatewayError, NoTicket, StoreDown
+from resilgate.fallback import TICKETS_PATH
 from resilgate.headers import REQUEST_ID as REQUEST_ID_HEADER
 from resilgate.headers import RequestIds
 from resilgate.logs import LOG_STREAM, get_logger
 from resilgate.proxy import (
+    DEGRADED_BY,
     GATEWAY,
     OUTCOME,
     REQUEST_ID,
@@ -27,6 +30,7 @@ from resilgate.proxy import (
     proxy_request,
 )
 from resilgate.state.factory import make_store
+from resilgate.state.store import StoreUnavailable
 from resilgate.state.view import StateView, trim_forever
 from resilgate.upstream import new_session
 
@@ -98,11 +102,40 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
             route=route.name if route else None,
             criticality=route.criticality if route else None,
             upstream=request.get(SERVED_BY),
+            degraded=request.get(DEGRADED_BY),
             tries=request.get(TRIES),
             status=status,
             outcome=request.get(OUTCOME),
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
         )
+
+
+async def ticket_status(request: web.Request) -> web.Response:
+    """Where a journaled write, a self-pay claim or a local registration stands: its state and
+    the upstream's answer (never the request body)."""
+    view = request.app[GATEWAY].state
+    if view is None:
+        raise StoreDown("the state store is not open yet")
+    ticket = request.match_info["ticket"]
+    try:
+        entry = await view.store.journal_get(ticket)
+    except StoreUnavailable as exc:
+        raise StoreDown(f"the state store is unreachable: {exc}") from exc
+    if entry is None:
+        raise NoTicket(f"no ticket {ticket}")
+    try:
+        detail = orjson.loads(entry.detail) if entry.detail else None
+    except orjson.JSONDecodeError:
+        detail = entry.detail
+    body = {
+        "ticket": entry.ticket,
+        "state": entry.state,
+        "queue": entry.queue,
+        "route": entry.route,
+        "accepted_at": entry.created_at,
+        "detail": detail,
+    }
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
 class StartupError(Exception):
@@ -120,11 +153,14 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     if store.backend == "memory":
         log.warning("state_store_memory", note="tests only: nothing is shared or kept")
     view = StateView(store, refresh_s=config.state.refresh_s)
-    app[GATEWAY].state = view
+    gateway = app[GATEWAY]
+    gateway.state = view
+    await gateway.fallbacks.start()
     day = 86400.0
     tasks = [
         asyncio.create_task(view.run()),
-        asyncio.create_task(app[GATEWAY].fleet.run(view)),
+        asyncio.create_task(gateway.fleet.run(view)),
+        asyncio.create_task(gateway.replayer.run()),
         asyncio.create_task(
             trim_forever(
                 store,
@@ -139,13 +175,14 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await gateway.fallbacks.stop()
     await store.close()
 
 
 def build_app(config: Config) -> web.Application:
     """The public listener's application for one worker."""
     app = web.Application(middlewares=[errors_as_json, request_id, access_log])
-    app[GATEWAY] = Gateway.from_config(config)
+    app[GATEWAY] = Gateway.from_config(config, REGISTRY)
     app[REQUEST_IDS] = RequestIds()
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
@@ -171,5 +208,6 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(flush_logs)
     app.cleanup_ctx.append(shared_state)
     app.cleanup_ctx.append(client_session)
+    app.router.add_get(f"{TICKETS_PATH}{{ticket}}", ticket_status)
     app.router.add_route("*", "/{tail:.*}", proxy_request, expect_handler=defer_expect)
     return app

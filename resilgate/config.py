@@ -357,6 +357,127 @@ class Timeouts(_Model):
     )
 
 
+FallbackName = Literal["self-pay", "local-queue", "stale-cache", "journal", "notice"]
+
+
+class NoticeOptions(_Model):
+    """The `notice` fallback: what a patient app shows when nothing can serve."""
+
+    retry_after_s: int = Field(60, ge=1, description="`Retry-After` of the 503 answer.")
+    message_zh: str = Field(
+        "部分功能正在抢修，请稍候或前往人工窗口", description="Notice text in Chinese."
+    )
+    message_en: str = Field(
+        "Some functions are being repaired; please wait or go to a staffed counter.",
+        description="Notice text in English.",
+    )
+
+
+class SelfPayOptions(_Model):
+    """The `self-pay` fallback: insurance settlement is down, the patient pays in full now."""
+
+    message_zh: str = Field(
+        "医保结算暂停，请先全额自费；医保部分将在系统恢复后补结算并退还差额",
+        description="Notice on a self-pay answer, in Chinese.",
+    )
+    message_en: str = Field(
+        "Insurance settlement is paused: please pay the full amount now; the insured share "
+        "will be settled later and the difference refunded.",
+        description="Notice on a self-pay answer, in English.",
+    )
+    settle_timeout_s: float = Field(
+        20.0, gt=0, description="Re-settlement call timeout; a 2207 past it is `unknown`."
+    )
+    resolve_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="Wait before querying (5203) a settlement whose outcome is unknown.",
+    )
+
+
+class LocalQueueOptions(_Model):
+    """The `local-queue` fallback: queue numbers the gateway issues while registration is down."""
+
+    prefix: str = Field(
+        "L-",
+        min_length=1,
+        description="Put before every local number so it never looks like the registration "
+        "system's own (e.g. `L-A023`).",
+    )
+    block_size: int = Field(
+        100, ge=1, description="Numbers leased from the store at a time per department and day."
+    )
+    spare_blocks: int = Field(
+        1,
+        ge=0,
+        description="Blocks held in reserve beyond the current one, so numbers keep coming "
+        "while the store is unreachable.",
+    )
+    departments: list[str] = Field(
+        default_factory=list,
+        description="Departments whose numbers are leased ahead at start-up and each day.",
+    )
+
+
+class StaleCacheOptions(_Model):
+    """The `stale-cache` fallback: earlier successful reads, encrypted, per caller."""
+
+    keys_env: str = Field(
+        "RESILGATE_CACHE_KEYS",
+        description="Environment variable with the AES-256-GCM keys as `id:base64key`, "
+        "comma-separated, the first one encrypts (rotation: put the new key first).",
+    )
+    keys_file: Path | None = Field(
+        None, description="File with the same content instead of the environment variable."
+    )
+    identity_header: str | None = Field(
+        None,
+        description="Request header naming the caller (set by a trusted front proxy); unset: "
+        "the bearer token's subject. A request without identity is never cached.",
+    )
+    max_staleness_s: float = Field(86400.0, gt=0, description="Oldest copy that is still served.")
+    max_entry_bytes: int = Field(256 * 1024, ge=1, description="Larger answers are not cached.")
+    max_total_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="Bound on the cache's total size."
+    )
+
+
+class JournalOptions(_Model):
+    """The `journal` fallback and the replay of every journaled write after recovery."""
+
+    ticket_system: str = Field(
+        "urn:resilgate:ticket",
+        description="FHIR identifier system of the ticket put in journaled resources.",
+    )
+    replay_rate_per_s: float = Field(
+        20.0, gt=0, description="Most entries replayed per second and upstream (recovery is load)."
+    )
+    claim_batch: int = Field(10, ge=1, description="Entries a replayer takes at a time.")
+    claim_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long taken entries stay with their replayer; after a crash another "
+        "replayer resumes once it runs out.",
+    )
+    retry_after_s: float = Field(
+        5.0, gt=0, description="Pause of a queue after a replay the upstream could not take."
+    )
+
+
+class Fallbacks(_Model):
+    """Options of the degraded paths that routes name in `fallback`."""
+
+    notice: NoticeOptions = Field(default_factory=NoticeOptions, description="`notice`.")
+    self_pay: SelfPayOptions = Field(default_factory=SelfPayOptions, description="`self-pay`.")
+    local_queue: LocalQueueOptions = Field(
+        default_factory=LocalQueueOptions, description="`local-queue`."
+    )
+    stale_cache: StaleCacheOptions = Field(
+        default_factory=StaleCacheOptions, description="`stale-cache`."
+    )
+    journal: JournalOptions = Field(default_factory=JournalOptions, description="`journal`.")
+
+
 class Route(_Model):
     """Which requests go to which upstream."""
 
@@ -384,6 +505,11 @@ class Route(_Model):
     )
     failure_body: FailureBody | None = Field(
         None, description="Read failures from the body of answers (insurance, FHIR)."
+    )
+    fallback: FallbackName | None = Field(
+        None,
+        description="What answers when no endpoint can serve, or ops forced `fallback`: "
+        "`self-pay`, `local-queue`, `stale-cache`, `journal` or `notice`.",
     )
 
 
@@ -413,6 +539,9 @@ class Config(_Model):
     )
     upstreams: dict[Name, Upstream] = Field(
         min_length=1, description="Hospital systems by name, e.g. `his`."
+    )
+    fallbacks: Fallbacks = Field(
+        default_factory=Fallbacks, description="Options of the routes' fallbacks."
     )
     include_routes: list[str] = Field(
         default_factory=lambda: ["routes/*.yaml"],

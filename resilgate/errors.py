@@ -97,3 +97,14 @@ class UpstreamInMaintenance(GatewayError):
     status = 503
     code = "upstream_in_maintenance"
     retry_after_s = 60
+
+
+class NoTicket(GatewayError):
+    status = 404
+    code = "no_such_ticket"
+
+
+class StoreDown(GatewayError):
+    status = 503
+    code = "state_store_unreachable"
+    retry_after_s = 5

@@ -35,5 +35,18 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.fallbacks = Counter(
+            "resilgate_fallbacks",
+            "Fallback answers by route, fallback and outcome (served, declined, failed).",
+            ["route", "fallback", "outcome"],
+            registry=self.registry,
+        )
+        self.replays = Counter(
+            "resilgate_replays",
+            "Journal entries replayed, by queue and how they ended.",
+            ["queue", "state"],
+            registry=self.registry,
+        )
+
     def __repr__(self) -> str:
         return f"<Metrics {len(list(self.registry.collect()))} families>"

@@ -23,24 +23,23 @@ from resilgate.errors import (
     NoEndpoint,
     NoRoute,
     RequestBodyTooLarge,
-    UpstreamBroken,
-    UpstreamConnectTimeout,
     UpstreamError,
     UpstreamInMaintenance,
-    UpstreamTimeout,
     UpstreamUnreachable,
 )
 from resilgate.failure_body import body_failure
+from resilgate.fallback import DEGRADED, Fallback, FallbackRequest, FallbackRunner, FallbackServices
 from resilgate.fleet import Fleet
 from resilgate.headers import client_response_headers, upstream_request_headers
 from resilgate.health import EndpointHealth, UpstreamRuntime
 from resilgate.logs import get_logger
 from resilgate.metrics import Metrics
+from resilgate.replay import FleetClient, Replayer
 from resilgate.routes import RouteTable, host_without_port
 from resilgate.selection import plan
-from resilgate.state.records import ModeName
+from resilgate.state.records import ForcedMode, ModeName
 from resilgate.state.view import StateView
-from resilgate.upstream import Endpoint, clusters_from
+from resilgate.upstream import Endpoint, clusters_from, upstream_error
 
 log = get_logger("resilgate.proxy")
 
@@ -51,6 +50,7 @@ SERVED_BY = web.RequestKey("served_by", str)
 # mid-body), "client_gone" (the client left first), or an upstream failure's cause.
 OUTCOME = web.RequestKey("outcome", str)
 TRIES = web.RequestKey("tries", int)
+DEGRADED_BY = web.RequestKey("degraded_by", str)  # the fallback that answered
 # Answers up to this size are read whole and sent in one write; larger ones stream.
 SMALL_BODY_BYTES = 64 * 1024
 # Bodies of retryable requests up to this size are kept, so a retry can send them again.
@@ -69,20 +69,42 @@ class Gateway:
     routes: RouteTable
     timeouts: Mapping[str, aiohttp.ClientTimeout]
     fleet: Fleet
+    fallbacks: FallbackRunner
+    replayer: Replayer
     session: aiohttp.ClientSession | None = field(default=None)
     state: StateView | None = field(default=None)
     rng: random.Random = field(default_factory=random.Random)
 
     @classmethod
-    def from_config(cls, config: Config) -> Gateway:
+    def from_config(cls, config: Config, registry: Mapping[str, type[Fallback]]) -> Gateway:
+        """A worker's gateway, with the fallbacks of ``registry`` that the routes name."""
         timeouts = {
             route.name: aiohttp.ClientTimeout(
                 total=route.timeouts.total_s, sock_connect=route.timeouts.connect_s
             )
             for route in config.routes
         }
-        fleet = Fleet(config, clusters_from(config), Metrics())
-        return cls(config, RouteTable(config.routes), timeouts, fleet)
+        fleet = Fleet(config, clusters_from(config), fleet_metrics := Metrics())
+        holder: list[Gateway] = []
+        client = FleetClient(fleet, lambda: holder[0].session, lambda: holder[0].state)
+        services = FallbackServices(
+            config,
+            fleet_metrics,
+            fleet.replica,
+            client,
+            lambda: holder[0].state.store if holder[0].state is not None else None,
+        )
+        runner = FallbackRunner(services, registry)
+        gateway = cls(
+            config,
+            RouteTable(config.routes),
+            timeouts,
+            fleet,
+            runner,
+            Replayer(services, runner, client),
+        )
+        holder.append(gateway)
+        return gateway
 
     def __repr__(self) -> str:
         return f"<Gateway {self.routes!r} upstreams={sorted(self.fleet.runtimes)}>"
@@ -200,14 +222,26 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
     if (request.content_length or 0) > limit or (body is not None and len(body) > limit):
         raise RequestBodyTooLarge(f"request body over {limit} bytes", limit=limit)
 
-    forced = _mode_gate(gateway, route)
+    mode = _forced_mode(gateway, route)
+    if mode is not None and mode.mode == "maintenance" and route.fallback is None:
+        raise UpstreamInMaintenance(
+            f"{mode.target} is in maintenance mode: {mode.reason}",
+            mode=mode.mode,
+            set_by=mode.actor,
+        )
     retry = may_retry(route, method, request.headers)
     if body is None:
         await _send_continue(request)
         length = request.content_length
-        if retry and request.body_exists and length is not None and length <= RESEND_BODY_BYTES:
-            # Kept so it can be sent again to the next endpoint.
-            body = await _read_whole(request, gateway.config.client_body_timeout_s)
+        keep = retry or _keeps_body(route)
+        if keep and request.body_exists and (length or 0) <= RESEND_BODY_BYTES:
+            # Kept so it can be sent again to the next endpoint, or journaled.
+            cap = min(limit, RESEND_BODY_BYTES)
+            body = await _read_whole(request, cap, gateway.config.client_body_timeout_s)
+    if mode is not None and mode.mode in ("maintenance", "fallback"):
+        reason = f"{mode.target} in {mode.mode} mode by {mode.actor}: {mode.reason}"
+        return await _fall_back(request, gateway, route, body, reason)
+    forced = None if mode is None or mode.mode == "auto" else mode.mode
 
     runtime = gateway.fleet.runtimes[route.upstream]
     runtime.budget.note_request()
@@ -224,33 +258,70 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
             f"{h.endpoint.label}: {h.why_down() or 'holding down or busy'}"
             for h in runtime.endpoints
         )
-        raise NoEndpoint(f"no endpoint of {route.upstream} can take this request ({down})")
+        error = NoEndpoint(f"no endpoint of {route.upstream} can take this request ({down})")
+        if route.fallback is not None:
+            return await _fall_back(request, gateway, route, body, error.message)
+        raise error
     return await _exchange(request, gateway, route, runtime, order, body, retry, forced)
 
 
-def _mode_gate(gateway: Gateway, route: Route) -> ModeName | None:
-    """The ops-forced mode of the route, else of its upstream; maintenance stops here."""
+def _forced_mode(gateway: Gateway, route: Route) -> ForcedMode | None:
+    """The ops-forced mode of the route, else of its upstream (the mode gate)."""
     view = gateway.state
     if view is None or not view.modes:
         return None
-    forced = view.mode_of(route.name) or view.mode_of(route.upstream)
-    if forced is None:
-        return None
-    if forced.mode in ("maintenance", "fallback"):
-        raise UpstreamInMaintenance(
-            f"{forced.target} is in {forced.mode} mode: {forced.reason}",
-            mode=forced.mode,
-            set_by=forced.actor,
-        )
-    return None if forced.mode == "auto" else forced.mode
+    return view.mode_of(route.name) or view.mode_of(route.upstream)
 
 
-async def _read_whole(request: web.Request, timeout_s: float) -> bytes:
+def _keeps_body(route: Route) -> bool:
+    """A fallback that may journal the request needs its body."""
+    return route.fallback not in (None, "notice", "stale-cache")
+
+
+def _reads(route: Route, method: str) -> bool:
+    """The request changes nothing upstream, so any failure may be answered by a fallback."""
+    return method in READ_METHODS or route.retries == "safe"
+
+
+async def _read_whole(request: web.Request, cap: int, timeout_s: float) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
     try:
         async with asyncio.timeout(timeout_s):
-            return await request.read()
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > cap:
+                    raise RequestBodyTooLarge(f"request body over {cap} bytes", limit=cap)
+                chunks.append(chunk)
     except TimeoutError as exc:
         raise ClientTooSlow(f"request body not received within {timeout_s}s") from exc
+    return b"".join(chunks)
+
+
+def fallback_request(
+    request: web.Request, route: Route, body: bytes | None, reason: str
+) -> FallbackRequest:
+    return FallbackRequest(
+        route=route,
+        method=request.method,
+        path=request.path,
+        query=request.query,
+        raw_path=request.raw_path,
+        headers=request.headers,
+        body=body,
+        request_id=request[REQUEST_ID],
+        reason=reason,
+    )
+
+
+async def _fall_back(
+    request: web.Request, gateway: Gateway, route: Route, body: bytes | None, reason: str
+) -> web.StreamResponse:
+    """No endpoint served: the route's fallback answers (the notice if it cannot)."""
+    request[OUTCOME] = "fallback"
+    answer = await gateway.fallbacks.answer(fallback_request(request, route, body, reason))
+    request[DEGRADED_BY] = answer.headers.get(DEGRADED, "")
+    return answer
 
 
 @dataclass
@@ -326,6 +397,11 @@ class _Exchange:
             request_id=request[REQUEST_ID],
         )
         self.tries = 0
+        self.observed = gateway.fallbacks.observes(route, request.method)
+        self.read_whole_bytes = SMALL_BODY_BYTES
+        if self.observed:
+            cache_limit = gateway.config.fallbacks.stale_cache.max_entry_bytes
+            self.read_whole_bytes = max(SMALL_BODY_BYTES, cache_limit)
         self._waiting: list[EndpointHealth] = []
         self._running: dict[asyncio.Task[_Answer | _Failed], EndpointHealth] = {}
         self._kept: _Answer | None = None
@@ -359,14 +435,15 @@ class _Exchange:
             breaker.record(failed=True, latency_s=time.perf_counter() - started)
             load.finished(attempt)
             self._raise_if_client_side(exc)
-            error = _upstream_error(exc, health.endpoint)
+            error = upstream_error(exc, health.endpoint)
             return _Failed(health, error, not isinstance(error, UpstreamUnreachable))
         load.answered(attempt)
         latency = time.perf_counter() - started
         answer = _Answer(health, response, attempt, None, "")
+        method = self.request.method
         try:
             length = response.content_length
-            if length is not None and length <= SMALL_BODY_BYTES and self.request.method != "HEAD":
+            if length is not None and length <= self.read_whole_bytes and method != "HEAD":
                 answer.body = await response.read()
         except asyncio.CancelledError:
             breaker.abandon()
@@ -375,7 +452,7 @@ class _Exchange:
         except (aiohttp.ClientError, TimeoutError) as exc:
             breaker.record(failed=True, latency_s=latency)
             answer.release()
-            return _Failed(health, _upstream_error(exc, health.endpoint), True)
+            return _Failed(health, upstream_error(exc, health.endpoint), True)
         answer.failure = self._judge(health.endpoint, response.status, answer.body)
         breaker.record(failed=bool(answer.failure), latency_s=latency)
         return answer
@@ -517,6 +594,10 @@ async def _exchange(
         answer = await exchange.run(order)
     except UpstreamError as error:
         request[OUTCOME] = str(error.details.get("cause", ""))
+        if route.fallback is not None and (
+            _reads(route, request.method) or isinstance(error, UpstreamUnreachable)
+        ):
+            return await _fall_back(request, gateway, route, body, error.message)
         if route.retries == "never" and not isinstance(error, UpstreamUnreachable):
             error.details["outcome"] = "unknown"
             error.details["advice"] = (
@@ -526,10 +607,32 @@ async def _exchange(
         raise
     finally:
         request[TRIES] = exchange.tries
+    if answer.failure and route.fallback is not None and _not_applied(route, request, answer):
+        answer.release()
+        reason = f"{answer.health.endpoint.label} failed: {answer.failure}"
+        return await _fall_back(request, gateway, route, body, reason)
     try:
-        return await _relay(request, answer)
+        relayed = await _relay(request, answer)
     finally:
         answer.release()
+    if exchange.observed and answer.body is not None and 200 <= answer.response.status < 300:
+        gateway.fallbacks.observe(
+            fallback_request(request, route, body, ""),
+            answer.response.status,
+            relayed.headers,
+            answer.body,
+        )
+    return relayed
+
+
+def _not_applied(route: Route, request: web.Request, answer: _Answer) -> bool:
+    """A failed answer that shows the request changed nothing: a read, a 503 (the upstream
+    refused to start on it), or a failure read from the body (a platform error)."""
+    return (
+        _reads(route, request.method)
+        or answer.response.status == 503
+        or not answer.failure.startswith("status ")
+    )
 
 
 async def _relay(request: web.Request, answer: _Answer) -> web.StreamResponse:
@@ -558,7 +661,7 @@ async def _relay(request: web.Request, answer: _Answer) -> web.StreamResponse:
         return response
     except (aiohttp.ClientError, TimeoutError) as exc:
         if not response.prepared:
-            raise _upstream_error(exc, answer.health.endpoint) from exc
+            raise upstream_error(exc, answer.health.endpoint) from exc
         # Headers already went out: cut the connection so the client sees a truncated answer
         # instead of a silently short one.
         request[OUTCOME] = "truncated"
@@ -583,25 +686,3 @@ async def _to_client(request: web.Request, write: Any) -> None:
 def _cut(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.abort()
-
-
-def _cause(exc: BaseException) -> str:
-    """Exception class and OS reason, e.g. ``ClientConnectorError: Connection refused``."""
-    reason = getattr(exc, "strerror", None) or getattr(
-        getattr(exc, "os_error", None), "strerror", None
-    )
-    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
-
-
-def _upstream_error(exc: BaseException, endpoint: Endpoint) -> UpstreamError:
-    where = endpoint.label
-    cause = _cause(exc)
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamConnectTimeout(
-            f"connecting to {where} timed out", upstream=where, cause=cause
-        )
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamUnreachable(f"cannot connect to {where}", upstream=where, cause=cause)
-    if isinstance(exc, TimeoutError):
-        return UpstreamTimeout(f"{where} did not answer in time", upstream=where, cause=cause)
-    return UpstreamBroken(f"connection to {where} broke", upstream=where, cause=cause)

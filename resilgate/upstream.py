@@ -9,6 +9,13 @@ import aiohttp
 from yarl import URL
 
 from resilgate.config import Config, Upstream
+from resilgate.errors import (
+    UpstreamBroken,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 # Headers aiohttp would add on its own; a proxy sends only what the client sent.
 SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
@@ -77,3 +84,26 @@ def new_session(config: Config) -> aiohttp.ClientSession:
         timeout=aiohttp.ClientTimeout(total=None),
         trust_env=False,
     )
+
+
+def _cause(exc: BaseException) -> str:
+    """Exception class and OS reason, e.g. ``ClientConnectorError: Connection refused``."""
+    reason = getattr(exc, "strerror", None) or getattr(
+        getattr(exc, "os_error", None), "strerror", None
+    )
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
+def upstream_error(exc: BaseException, endpoint: Endpoint) -> UpstreamError:
+    """The gateway error for an exception of an upstream call, split by phase."""
+    where = endpoint.label
+    cause = _cause(exc)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamConnectTimeout(
+            f"connecting to {where} timed out", upstream=where, cause=cause
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnreachable(f"cannot connect to {where}", upstream=where, cause=cause)
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"{where} did not answer in time", upstream=where, cause=cause)
+    return UpstreamBroken(f"connection to {where} broke", upstream=where, cause=cause)

@@ -66,6 +66,7 @@ def start_stack(
     primary: ServerProcess | None = None,
     dr: ServerProcess | None = None,
     primary_url: str | None = None,
+    env: dict[str, str] | None = None,
     **top: Any,
 ) -> Stack:
     primary = primary or spawn.simulator(kind, "primary")
@@ -75,7 +76,7 @@ def start_stack(
         {"name": "dr", "url": dr.url(), "priority": 1, "read_only": dr_read_only},
     ]
     upstream = {"endpoints": endpoints, **(FAST_HEALTH if health is None else health)}
-    gateway = start_gateway(spawn, {kind: upstream}, routes, name=name, **top)
+    gateway = start_gateway(spawn, {kind: upstream}, routes, name=name, env=env, **top)
     stack = Stack(gateway, primary, dr, kind)
     wait_until(lambda: probes_up(stack), 10, "probes to see both endpoints up")
     return stack

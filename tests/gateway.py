@@ -39,11 +39,12 @@ def start_gateway(
     routes: list[dict[str, Any]],
     workers: int = 1,
     name: str = "gateway",
+    env: dict[str, str] | None = None,
     **top: Any,
 ) -> ServerProcess:
     config = write_config(spawn.tmp_path / f"{name}.yaml", upstreams, routes, **top)
     return spawn.start(
-        name, ["serve", "--config", str(config), "--workers", str(workers)], timeout=30
+        name, ["serve", "--config", str(config), "--workers", str(workers)], timeout=30, env=env
     )
 
 

@@ -1,0 +1,184 @@
+"""Replay of the write journal once its upstream is back.
+
+Every worker of every replica runs one replayer per journaling upstream. The store hands out
+a queue's entries head of line (nobody gets an entry while another holds an earlier one), one
+at a time, so a queue is replayed in acceptance order by one replayer at a time; a replayer
+that dies leaves its entry to the next once its lease runs out. Exactly once comes from the
+upstream (conditional create, idempotency key, msgid), never from this loop.
+
+A queue is replayed only while an endpoint that takes writes has been healthy for its failback
+hold-down, and at ``fallbacks.journal.replay_rate_per_s`` at most: recovery is a load event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+
+import aiohttp
+
+from resilgate.errors import NoEndpoint
+from resilgate.fallback import (
+    FallbackRunner,
+    FallbackServices,
+    Replayed,
+    UpstreamAnswer,
+    UpstreamClient,
+)
+from resilgate.fleet import Fleet
+from resilgate.logs import get_logger
+from resilgate.selection import plan
+from resilgate.state.records import JournalEntry
+from resilgate.state.store import StateStore
+from resilgate.state.view import StateView
+from resilgate.upstream import upstream_error
+
+log = get_logger("resilgate.replay")
+
+IDLE_S = 0.5  # between looks at an empty or not yet healthy queue
+SessionSource = Callable[[], aiohttp.ClientSession | None]
+ViewSource = Callable[[], StateView | None]
+
+
+class FleetClient(UpstreamClient):
+    """One attempt at the best healthy endpoint that takes writes; its breaker hears of it."""
+
+    def __init__(self, fleet: Fleet, session_of: SessionSource, view_of: ViewSource) -> None:
+        self._fleet = fleet
+        self._session_of = session_of
+        self._view_of = view_of
+
+    def writable_now(self, upstream: str) -> bool:
+        """Whether an endpoint that takes writes is healthy past its hold-down, and ops have
+        not held the upstream back."""
+        view = self._view_of()
+        forced = view.mode_of(upstream) if view is not None else None
+        if forced is not None and forced.mode in ("fallback", "maintenance"):
+            return False
+        now = time.monotonic()
+        return any(
+            not h.endpoint.read_only and not h.fenced and h.share(now) > 0 and h.breaker.allows()
+            for h in self._fleet.runtimes[upstream].endpoints
+        )
+
+    async def send(
+        self,
+        upstream: str,
+        method: str,
+        path: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        timeout_s: float = 10.0,
+    ) -> UpstreamAnswer:
+        runtime = self._fleet.runtimes[upstream]
+        now = time.monotonic()
+        candidates = [h.candidate(now) for h in runtime.endpoints]
+        order = plan([c for c in candidates if c.share > 0], write=True, forced=None, draw=0.0)
+        health = runtime.by_label(order[0].label) if order else None
+        admission = health.breaker.admit() if health is not None else None
+        if health is None or admission is None:
+            raise NoEndpoint(f"no endpoint of {upstream} takes writes now")
+        session = self._session_of()
+        assert session is not None, "replays run while the app's client session is open"
+        endpoint = health.endpoint
+        started = time.perf_counter()
+        try:
+            async with session.request(
+                method,
+                endpoint.url_for(path),
+                headers=dict(headers or {}),
+                data=body,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as response:
+                raw = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            health.breaker.record(admission, failed=True, latency_s=time.perf_counter() - started)
+            raise upstream_error(exc, endpoint) from exc
+        failed = response.status in self._fleet.config.upstreams[upstream].breaker.failure_statuses
+        health.breaker.record(admission, failed=failed, latency_s=time.perf_counter() - started)
+        return UpstreamAnswer(response.status, dict(response.headers), raw, endpoint.label)
+
+
+class Replayer:
+    """Replays the journal queues of this worker's upstreams, each in its own task."""
+
+    def __init__(
+        self, services: FallbackServices, runner: FallbackRunner, client: FleetClient
+    ) -> None:
+        self.services = services
+        self.runner = runner
+        self.client = client
+        routes = services.config.routes
+        self.queues = sorted(
+            {
+                route.upstream
+                for route in routes
+                if (fallback := runner.of(route)) is not None and fallback.journals
+            }
+        )
+        self._routes = {route.name: route for route in routes}
+
+    def __repr__(self) -> str:
+        return f"<Replayer {self.services.replica} queues={self.queues}>"
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self._work(queue) for queue in self.queues))
+
+    async def _work(self, queue: str) -> None:
+        options = self.services.config.fallbacks.journal
+        interval = 1.0 / options.replay_rate_per_s
+        next_at = 0.0
+        while True:
+            if not self.client.writable_now(queue):
+                await asyncio.sleep(IDLE_S)
+                continue
+            try:
+                store = self.services.store
+                entries = await store.journal_claim(
+                    queue, self.services.replica, 1, options.claim_lease_s
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store is down: the journal waits for it
+                log.warning("replay_claim_failed", queue=queue, error=f"{exc}"[:200])
+                await asyncio.sleep(options.retry_after_s)
+                continue
+            if not entries:
+                await asyncio.sleep(IDLE_S)
+                continue
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            next_at = time.monotonic() + interval
+            outcome = await self._replay_one(store, entries[0])
+            if outcome.state == "accepted":
+                await asyncio.sleep(options.retry_after_s)
+
+    async def _replay_one(self, store: StateStore, entry: JournalEntry) -> Replayed:
+        route = self._routes.get(entry.route)
+        fallback = self.runner.of(route) if route is not None else None
+        if fallback is None or not fallback.journals:
+            outcome = Replayed("failed", f"no journaling fallback for route {entry.route!r}")
+        else:
+            try:
+                outcome = await fallback.replay(entry)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a broken fallback or no answer: try again later
+                outcome = Replayed("accepted", f"replay not done: {type(exc).__name__}: {exc}")
+        owner = self.services.replica
+        if outcome.state == "accepted":
+            # Keep the entry (and its place at the head of the queue) while we wait to retry.
+            await store.journal_note(entry.ticket, owner, outcome.detail[:2000])
+        else:
+            await store.journal_finish(entry.ticket, owner, outcome.state, outcome.detail[:2000])
+        self.services.metrics.replays.labels(entry.queue, outcome.state).inc()
+        log.info(
+            "replay_finished" if outcome.state != "accepted" else "replay_deferred",
+            queue=entry.queue,
+            route=entry.route,
+            ticket=entry.ticket,
+            state=outcome.state,
+        )
+        return outcome
