@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from resilgate.state.records import (
     FINISHED,
+    UNFINISHED,
     AuditRecord,
     ForcedMode,
     JournalEntry,
@@ -113,23 +114,39 @@ class MemoryStore(StateStore):
         return self._journal.get(ticket)
 
     async def journal_list(
-        self, states: frozenset[str] | None = None, limit: int = 1000
+        self, states: frozenset[str] | None = None, limit: int = 1000, queue: str | None = None
     ) -> list[JournalEntry]:
         entries = sorted(self._journal.values(), key=lambda entry: entry.seq)
-        return [e for e in entries if states is None or e.state in states][:limit]
+        return [
+            e
+            for e in entries
+            if (states is None or e.state in states) and (queue is None or e.queue == queue)
+        ][:limit]
 
-    async def journal_claim(self, owner: str, limit: int, lease_s: float) -> list[JournalEntry]:
+    async def journal_claim(
+        self, queue: str, owner: str, limit: int, lease_s: float
+    ) -> list[JournalEntry]:
         now = self._clock()
         claimed: list[JournalEntry] = []
-        for entry in await self.journal_list(frozenset({"accepted", "replaying"})):
+        for entry in await self.journal_list(UNFINISHED, limit=len(self._journal), queue=queue):
+            if len(claimed) >= limit:
+                break
             holder = self._leases.get(entry.ticket)
             if holder is not None and holder[0] != owner and holder[1] > now:
-                continue
+                break  # head of line: nothing after an entry someone else is working on
             self._leases[entry.ticket] = (owner, now + lease_s)
             claimed.append(entry)
-            if len(claimed) == limit:
-                break
         return claimed
+
+    async def journal_note(self, ticket: str, owner: str, detail: str) -> bool:
+        entry = self._journal.get(ticket)
+        if entry is None:
+            raise KeyError(ticket)
+        holder = self._leases.get(ticket)
+        if holder is None or holder[0] != owner or ticket in self._finished_at:
+            return False
+        self._journal[ticket] = replace(entry, state="replaying", detail=detail)
+        return True
 
     async def journal_finish(
         self, ticket: str, owner: str, state: JournalState, detail: str

@@ -11,6 +11,7 @@ ModeName = Literal["auto", "primary", "dr", "fallback", "maintenance"]
 BreakerState = Literal["closed", "open", "half_open"]
 JournalState = Literal["accepted", "replaying", "applied", "duplicate", "conflict", "failed"]
 FINISHED: frozenset[str] = frozenset({"applied", "duplicate", "conflict", "failed"})
+UNFINISHED: frozenset[str] = frozenset({"accepted", "replaying"})
 
 
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -62,7 +63,8 @@ class JournalEntry(_JsonRecord):
     """A write accepted while its upstream could not take it; replayed later, exactly once.
 
     ``payload`` is opaque to the store (the journal fallback decides its shape); ``seq`` is the
-    store's acceptance order, assigned on append.
+    store's acceptance order, assigned on append; ``queue`` (the upstream's name) is the queue
+    the entry is replayed in, strictly in order.
     """
 
     ticket: str
@@ -72,6 +74,7 @@ class JournalEntry(_JsonRecord):
     state: JournalState = "accepted"
     detail: str = ""
     seq: int = 0
+    queue: str = ""
 
     def to_json(self) -> bytes:
         data: dict[str, Any] = asdict(self)

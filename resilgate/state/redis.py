@@ -7,10 +7,12 @@ Layout under ``<namespace>:`` (one Redis, not Cluster: the Lua scripts touch key
 - ``lease:<name>``: a hash of the holder's ``owner`` and ``until`` (the caller's clock), with
   PEXPIRE so a lease nobody renews goes by itself; Lua scripts take and release it;
 - ``cache:<key>``: the value behind its expiry time, with PX; ``cache-expiry`` indexes them;
-- ``journal:*``: the immutable entry by ticket, its state and detail, its ``seq`` in the
-  ``order`` sorted set, unfinished tickets in ``open``, leases, and finish times in
-  ``finished``. Lua scripts keep these consistent: append refuses a known ticket, a claim
-  leases atomically across replicas, trim drops only finished entries;
+- ``journal:*``: the immutable entry by ticket, its queue, state and detail, its ``seq`` in
+  the ``order`` sorted set, unfinished tickets in ``open`` and, per queue, in
+  ``open:<queue>`` (both scored by seq), leases, and finish times in ``finished``. Lua
+  scripts keep these consistent: append refuses a known ticket, a claim leases the head of
+  one queue atomically across replicas (reading only that queue's ``open:<queue>``), trim
+  drops only finished entries;
 - ``audit``: a sorted set scored by the record's time.
 
 Every call is bounded by ``op_timeout_s``; whatever goes wrong becomes StoreUnavailable.
@@ -71,10 +73,18 @@ CLOSE_DRAIN_S = 2.0
 OPEN_STATES = ("accepted", "replaying")
 EXPIRY = struct.Struct(">d")
 
-# KEYS of every journal script, in this order.
+# KEYS of every journal script, in this order. A queue's open set is derived from ``open``.
 JOURNAL_KEYS = (
-    "data", "state", "detail", "order", "open", "seq", "lease_owner", "lease_until", "finished"
+    "data", "state", "detail", "order", "open", "seq", "lease_owner", "lease_until", "finished",
+    "queue",
 )  # fmt: skip
+
+# The open set of the ticket's queue.
+QUEUE_LUA = """
+local function queue_open(t)
+  return KEYS[5] .. ':' .. (redis.call('HGET', KEYS[10], t) or '')
+end
+"""
 
 ROW_LUA = """
 local function push_row(out, t)
@@ -88,13 +98,18 @@ local function push_row(out, t)
 end
 """
 
+# ARGV: ticket, entry, state, detail, '1' if unfinished, queue.
 APPEND_LUA = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 local seq = redis.call('INCR', KEYS[6])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+redis.call('HSET', KEYS[10], ARGV[1], ARGV[6])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
-if ARGV[5] == '1' then redis.call('ZADD', KEYS[5], seq, ARGV[1]) end
+if ARGV[5] == '1' then
+  redis.call('ZADD', KEYS[5], seq, ARGV[1])
+  redis.call('ZADD', KEYS[5] .. ':' .. ARGV[6], seq, ARGV[1])
+end
 return seq
 """
 
@@ -107,22 +122,29 @@ return out
 """
 )
 
-# ARGV: limit, 'order'|'open', '*' (any state) or the wanted states.
+# ARGV: limit, 'order'|'open', '*' (any queue) or '=' and the queue, then '*' (any state) or
+# the wanted states.
 LIST_LUA = (
     ROW_LUA
     + """
 local limit = tonumber(ARGV[1])
 local source = KEYS[4]
 if ARGV[2] == 'open' then source = KEYS[5] end
-local any = ARGV[3] == '*'
+local queue, first = nil, 4
+if ARGV[3] == '=' then
+  queue, first = ARGV[4], 5
+  if source == KEYS[5] then source, queue = KEYS[5] .. ':' .. queue, nil end
+end
+local any = ARGV[first] == '*'
 local wanted = {}
-for i = 3, #ARGV do wanted[ARGV[i]] = true end
+for i = first, #ARGV do wanted[ARGV[i]] = true end
 local out, n, start = {}, 0, 0
 while n < limit do
   local batch = redis.call('ZRANGE', source, start, start + 499)
   if #batch == 0 then break end
   for _, t in ipairs(batch) do
-    if any or wanted[redis.call('HGET', KEYS[2], t)] then
+    if (any or wanted[redis.call('HGET', KEYS[2], t)])
+        and (not queue or (redis.call('HGET', KEYS[10], t) or '') == queue) then
       if push_row(out, t) then n = n + 1 end
       if n >= limit then break end
     end
@@ -133,33 +155,42 @@ return out
 """
 )
 
-# ARGV: owner, now, lease end, limit.
+# ARGV: queue, owner, now, lease end, limit (at least 1). Head of line: the claim stops at
+# the first entry another owner holds, so it reads at most ``limit`` entries of the queue.
 CLAIM_LUA = (
     ROW_LUA
     + """
-local now, limit = tonumber(ARGV[2]), tonumber(ARGV[4])
-local out, n, start = {}, 0, 0
-while n < limit do
-  local batch = redis.call('ZRANGE', KEYS[5], start, start + 499)
-  if #batch == 0 then break end
-  for _, t in ipairs(batch) do
-    local holder = redis.call('HGET', KEYS[7], t)
-    local until_ = tonumber(redis.call('HGET', KEYS[8], t) or '0')
-    if not holder or holder == ARGV[1] or until_ <= now then
-      redis.call('HSET', KEYS[7], t, ARGV[1])
-      redis.call('HSET', KEYS[8], t, ARGV[3])
-      if push_row(out, t) then n = n + 1 end
-      if n >= limit then break end
-    end
+local now = tonumber(ARGV[3])
+local out = {}
+for _, t in ipairs(redis.call('ZRANGE', KEYS[5] .. ':' .. ARGV[1], 0, tonumber(ARGV[5]) - 1)) do
+  local holder = redis.call('HGET', KEYS[7], t)
+  if holder and holder ~= ARGV[2] and tonumber(redis.call('HGET', KEYS[8], t)) > now then
+    break
   end
-  start = start + 500
+  redis.call('HSET', KEYS[7], t, ARGV[2])
+  redis.call('HSET', KEYS[8], t, ARGV[4])
+  push_row(out, t)
 end
 return out
 """
 )
 
-# ARGV: ticket, state, detail, '1' if finished, now.
-FINISH_LUA = """
+# ARGV: ticket, owner, detail. The lease stays with its owner.
+NOTE_LUA = """
+local t = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], t) == 0 then return 0 end
+if redis.call('HGET', KEYS[7], t) ~= ARGV[2] or redis.call('ZSCORE', KEYS[9], t) then
+  return -1
+end
+redis.call('HSET', KEYS[2], t, 'replaying')
+redis.call('HSET', KEYS[3], t, ARGV[3])
+return 1
+"""
+
+# ARGV: ticket, state, detail, '1' if finished, now, owner.
+FINISH_LUA = (
+    QUEUE_LUA
+    + """
 local t = ARGV[1]
 if redis.call('HEXISTS', KEYS[1], t) == 0 then return 0 end
 if redis.call('HGET', KEYS[7], t) ~= ARGV[6] or redis.call('ZSCORE', KEYS[9], t) then
@@ -171,30 +202,40 @@ redis.call('HDEL', KEYS[7], t)
 redis.call('HDEL', KEYS[8], t)
 if ARGV[4] == '1' then
   redis.call('ZREM', KEYS[5], t)
+  redis.call('ZREM', queue_open(t), t)
   redis.call('ZADD', KEYS[9], ARGV[5], t)
 else
-  redis.call('ZADD', KEYS[5], redis.call('ZSCORE', KEYS[4], t), t)
+  local seq = redis.call('ZSCORE', KEYS[4], t)
+  redis.call('ZADD', KEYS[5], seq, t)
+  redis.call('ZADD', queue_open(t), seq, t)
   redis.call('ZREM', KEYS[9], t)
 end
 return 1
 """
+)
 
 # KEYS: the journal's, then audit, cache expiry index. ARGV: journal cutoff, audit cutoff, now.
-TRIM_LUA = """
+TRIM_LUA = (
+    QUEUE_LUA
+    + """
 local removed = 0
 for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', '(' .. ARGV[1])) do
-  for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[7], KEYS[8]}) do redis.call('HDEL', k, t) end
+  redis.call('ZREM', queue_open(t), t)
+  for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[7], KEYS[8], KEYS[10]}) do
+    redis.call('HDEL', k, t)
+  end
   redis.call('ZREM', KEYS[4], t)
   redis.call('ZREM', KEYS[5], t)
   removed = removed + 1
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', '(' .. ARGV[1])
-removed = removed + redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', '(' .. ARGV[2])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[11], '-inf', ARGV[3])
+removed = removed + redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', '(' .. ARGV[2])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[12], '-inf', ARGV[3])
 for _, k in ipairs(expired) do redis.call('DEL', k) end
-redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', ARGV[3])
 return removed + #expired
 """
+)
 
 # KEYS: the lease. ARGV: owner, now, until, time to live in ms. Whether it ran out is judged by
 # the stored ``until`` and the caller's ``now``, not by Redis's clock.
@@ -291,6 +332,7 @@ class RedisStore(StateStore):
         self._get = client.register_script(GET_LUA)
         self._list = client.register_script(LIST_LUA)
         self._claim = client.register_script(CLAIM_LUA)
+        self._note = client.register_script(NOTE_LUA)
         self._finish = client.register_script(FINISH_LUA)
         self._trim = client.register_script(TRIM_LUA)
         self._audit_append = client.register_script(AUDIT_APPEND_LUA)
@@ -479,22 +521,31 @@ class RedisStore(StateStore):
         return await self._spool.get(ticket)
 
     async def journal_list(
-        self, states: frozenset[str] | None = None, limit: int = 1000
+        self, states: frozenset[str] | None = None, limit: int = 1000, queue: str | None = None
     ) -> list[JournalEntry]:
-        args: list[str | int]
-        if states is None:
-            args = [limit, "order", "*"]
-        else:
-            source = "open" if states <= set(OPEN_STATES) else "order"
-            args = [limit, source, *sorted(states)] if states else [limit, "order", "-"]
+        source = "open" if states is not None and states <= set(OPEN_STATES) else "order"
+        of_queue = ["*"] if queue is None else ["=", queue]
+        wanted = ["*"] if states is None else sorted(states) or ["-"]
+        args: list[str | int] = [limit, source, *of_queue, *wanted]
         rows = await self._call(lambda: self._list(keys=self._journal_keys, args=args))
         return _entries(rows)
 
-    async def journal_claim(self, owner: str, limit: int, lease_s: float) -> list[JournalEntry]:
+    async def journal_claim(
+        self, queue: str, owner: str, limit: int, lease_s: float
+    ) -> list[JournalEntry]:
+        if limit < 1:
+            return []  # ZRANGE would read a negative end as counted from the last entry
         now = self._clock()
-        args: list[str | int] = [owner, repr(now), repr(now + lease_s), limit]
+        args: list[str | int] = [queue, owner, repr(now), repr(now + lease_s), limit]
         rows = await self._call(lambda: self._claim(keys=self._journal_keys, args=args))
         return _entries(rows)
+
+    async def journal_note(self, ticket: str, owner: str, detail: str) -> bool:
+        args = [ticket, owner, detail]
+        outcome = await self._call(lambda: self._note(keys=self._journal_keys, args=args))
+        if outcome == 0:
+            raise KeyError(ticket)
+        return bool(outcome == 1)
 
     async def journal_finish(
         self, ticket: str, owner: str, state: JournalState, detail: str
@@ -575,7 +626,14 @@ class RedisStore(StateStore):
         """Run the append script on ``client`` (the Redis client or a pipeline)."""
         data = replace(entry, state="accepted", detail="", seq=0).to_json()
         opened = "1" if entry.state in OPEN_STATES else "0"
-        args: list[str | bytes] = [entry.ticket, data, entry.state, entry.detail, opened]
+        args: list[str | bytes] = [
+            entry.ticket,
+            data,
+            entry.state,
+            entry.detail,
+            opened,
+            entry.queue,
+        ]
         seq: int = await self._append(keys=self._journal_keys, args=args, client=client)
         return seq
 

@@ -2,7 +2,8 @@
 
 Each process opens its own connection, in autocommit mode. Every write is one SQL statement and
 so one transaction of its own: atomic across processes, and with no transaction left open on
-the connection, no other coroutine's statement can slip into one.
+the connection, no other coroutine's statement can slip into one. (Only ``open`` runs
+transactions of several statements, before anything else uses the connection.)
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ CREATE INDEX IF NOT EXISTS cache_expiry ON cache (expires_at);
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ticket TEXT NOT NULL UNIQUE, route TEXT NOT NULL,
     payload BLOB NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL,
-    created_at REAL NOT NULL, finished_at REAL, lease_owner TEXT, lease_until REAL);
+    created_at REAL NOT NULL, finished_at REAL, lease_owner TEXT, lease_until REAL,
+    queue TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS journal_open ON journal (seq) WHERE state IN ('accepted', 'replaying');
 CREATE INDEX IF NOT EXISTS journal_finished ON journal (finished_at);
 CREATE TABLE IF NOT EXISTS audit (
@@ -75,8 +77,15 @@ CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 COMMIT;
 """
 
+# A journal created before queues existed lacks the column; the index serves journal_claim.
+_ADD_QUEUE = "ALTER TABLE journal ADD COLUMN queue TEXT NOT NULL DEFAULT ''"
+_QUEUE_INDEX = (
+    "CREATE INDEX IF NOT EXISTS journal_queue_open ON journal (queue, seq)"
+    " WHERE state IN ('accepted', 'replaying')"
+)
+
 # The journal's columns in JournalEntry's field order: a row is _entry(row).
-_JOURNAL_COLUMNS = "ticket, route, payload, created_at, state, detail, seq"
+_JOURNAL_COLUMNS = "ticket, route, payload, created_at, state, detail, seq, queue"
 _SYNCHRONOUS_FULL = 2
 
 
@@ -246,8 +255,8 @@ class SqliteStore(StateStore):
     async def journal_append(self, entry: JournalEntry) -> JournalEntry:
         try:
             ((seq,),) = await self._query(
-                "INSERT INTO journal (ticket, route, payload, created_at, state, detail)"
-                " VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+                "INSERT INTO journal (ticket, route, payload, created_at, state, detail, queue)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
                 (
                     entry.ticket,
                     entry.route,
@@ -255,6 +264,7 @@ class SqliteStore(StateStore):
                     entry.created_at,
                     entry.state,
                     entry.detail,
+                    entry.queue,
                 ),
             )
         except sqlite3.IntegrityError as exc:
@@ -268,28 +278,50 @@ class SqliteStore(StateStore):
         return _entry(rows[0]) if rows else None
 
     async def journal_list(
-        self, states: frozenset[str] | None = None, limit: int = 1000
+        self, states: frozenset[str] | None = None, limit: int = 1000, queue: str | None = None
     ) -> list[JournalEntry]:
-        where, wanted = "", list[str]()
+        conditions, params = [], list[str]()
         if states is not None:
-            where, wanted = f"WHERE state IN ({', '.join('?' * len(states))})", sorted(states)
+            conditions.append(f"state IN ({', '.join('?' * len(states))})")
+            params += sorted(states)
+        if queue is not None:
+            conditions.append("queue = ?")
+            params.append(queue)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = await self._query(
             f"SELECT {_JOURNAL_COLUMNS} FROM journal {where} ORDER BY seq LIMIT ?",
-            (*wanted, limit),
+            (*params, limit),
         )
         return [_entry(row) for row in rows]
 
-    async def journal_claim(self, owner: str, limit: int, lease_s: float) -> list[JournalEntry]:
+    async def journal_claim(
+        self, queue: str, owner: str, limit: int, lease_s: float
+    ) -> list[JournalEntry]:
+        if limit < 1:
+            return []  # SQLite reads a negative LIMIT as none
         now = self._clock()
+        # Of the queue's oldest ``limit`` unfinished entries, those before the first one
+        # another owner holds (head of line): reads ``limit`` rows, whatever the backlog.
         rows = await self._query(
-            "UPDATE journal SET lease_owner = :owner, lease_until = :until WHERE seq IN ("
-            " SELECT seq FROM journal WHERE state IN ('accepted', 'replaying')"
-            " AND (lease_owner IS NULL OR lease_owner = :owner OR lease_until <= :now)"
-            f" ORDER BY seq LIMIT :limit) RETURNING {_JOURNAL_COLUMNS}",
-            {"owner": owner, "until": now + lease_s, "now": now, "limit": limit},
+            "WITH head AS (SELECT seq, lease_owner, lease_until FROM journal"
+            " WHERE queue = :queue AND state IN ('accepted', 'replaying')"
+            " ORDER BY seq LIMIT :limit)"
+            " UPDATE journal SET lease_owner = :owner, lease_until = :until WHERE seq IN ("
+            " SELECT seq FROM head WHERE seq < coalesce((SELECT min(seq) FROM head"
+            " WHERE lease_owner <> :owner AND lease_until > :now), 9223372036854775807))"
+            f" RETURNING {_JOURNAL_COLUMNS}",
+            {"queue": queue, "owner": owner, "until": now + lease_s, "now": now, "limit": limit},
         )
         # RETURNING gives rows in no promised order.
         return sorted((_entry(row) for row in rows), key=lambda entry: entry.seq)
+
+    async def journal_note(self, ticket: str, owner: str, detail: str) -> bool:
+        rows = await self._query(
+            "UPDATE journal SET state = 'replaying', detail = ?"
+            " WHERE ticket = ? AND lease_owner = ? AND finished_at IS NULL RETURNING seq",
+            (detail, ticket, owner),
+        )
+        return await self._applied(rows, ticket)
 
     async def journal_finish(
         self, ticket: str, owner: str, state: JournalState, detail: str
@@ -301,6 +333,10 @@ class SqliteStore(StateStore):
             " WHERE ticket = ? AND lease_owner = ? AND finished_at IS NULL RETURNING seq",
             (state, detail, finished_at, ticket, owner),
         )
+        return await self._applied(rows, ticket)
+
+    async def _applied(self, rows: list[sqlite3.Row], ticket: str) -> bool:
+        """Whether a journal update found its entry; KeyError if the ticket is unknown."""
         if rows:
             return True
         if not await self._query("SELECT 1 FROM journal WHERE ticket = ?", (ticket,)):
@@ -352,15 +388,24 @@ class SqliteStore(StateStore):
             raise StoreUnavailable(f"sqlite {self._path}: {exc}") from exc
 
     async def _create_schema(self) -> None:
-        """Create what is missing in one write transaction; safe when many processes race."""
-        assert self._db is not None
+        """Create what is missing, then migrate, each in one write transaction; safe when many
+        processes race."""
+        db = self._db
+        assert db is not None
         try:
-            await self._db.executescript(_SCHEMA)
+            await db.executescript(_SCHEMA)
+            # If this fails, open() closes the connection, which rolls the transaction back.
+            await db.execute("BEGIN IMMEDIATE")
+            columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(journal)")}
+            if "queue" not in columns:
+                await db.execute(_ADD_QUEUE)
+            await db.execute(_QUEUE_INDEX)
+            await db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"sqlite {self._path}: cannot create schema: {exc}") from exc
 
 
 def _entry(row: sqlite3.Row) -> JournalEntry:
-    ticket, route, payload, created_at, state, detail, seq = row
+    ticket, route, payload, created_at, state, detail, seq, queue = row
     # float(): SQLite 3.40's RETURNING hands back a whole-numbered REAL as an integer.
-    return JournalEntry(ticket, route, payload, float(created_at), state, detail, seq)
+    return JournalEntry(ticket, route, payload, float(created_at), state, detail, seq, queue)

@@ -99,31 +99,51 @@ class StateStore(ABC):
     @abstractmethod
     async def cache_get(self, key: str) -> bytes | None: ...
 
-    # Write journal: appended durably, read in acceptance order, finished exactly once.
+    # Write journal: appended durably, read in acceptance order, finished exactly once. Split
+    # into queues (one per upstream), each replayed by one owner at a time, strictly in order.
 
     @abstractmethod
     async def journal_append(self, entry: JournalEntry) -> JournalEntry:
-        """Store ``entry`` durably; return it with its ``seq``. DuplicateTicket if present."""
+        """Store ``entry`` (in its ``queue``) durably; return it with its ``seq``.
+        DuplicateTicket if present."""
 
     @abstractmethod
     async def journal_get(self, ticket: str) -> JournalEntry | None: ...
 
     @abstractmethod
     async def journal_list(
-        self, states: frozenset[str] | None = None, limit: int = 1000
+        self, states: frozenset[str] | None = None, limit: int = 1000, queue: str | None = None
     ) -> list[JournalEntry]:
-        """Entries in acceptance order, optionally only those in ``states``."""
+        """Entries in acceptance order, optionally only those in ``states`` or of ``queue``."""
 
     @abstractmethod
-    async def journal_claim(self, owner: str, limit: int, lease_s: float) -> list[JournalEntry]:
-        """Take up to ``limit`` unfinished entries, oldest first, for ``lease_s`` seconds; an
-        entry claimed by one owner is not handed to another until its lease runs out."""
+    async def journal_claim(
+        self, queue: str, owner: str, limit: int, lease_s: float
+    ) -> list[JournalEntry]:
+        """Lease up to ``limit`` of the oldest unfinished entries of ``queue`` to ``owner`` for
+        ``lease_s`` seconds, atomically across processes and replicas; oldest first.
+
+        Head of line: the claim stops before the first entry that another owner holds an
+        unexpired lease on, so a queue is worked by one owner at a time, in order (while
+        another holds its head, the answer is ``[]``). ``owner``'s own leases are renewed, run
+        out ones of others taken over. Other queues' entries are not touched.
+        """
+
+    @abstractmethod
+    async def journal_note(self, ticket: str, owner: str, detail: str) -> bool:
+        """Record progress on a claimed entry durably: its ``detail``, and state ``replaying``.
+
+        Unlike journal_finish, ``owner`` keeps the lease. Applies only while ``owner`` holds
+        the entry's lease (taken by nobody else since, even if it ran out) and the entry is not
+        finished; returns False otherwise. KeyError for an unknown ticket.
+        """
 
     @abstractmethod
     async def journal_finish(
         self, ticket: str, owner: str, state: JournalState, detail: str
     ) -> bool:
-        """Record how ``owner``'s attempt ended (or hand the entry back as ``accepted``).
+        """Record how ``owner``'s attempt ended (or hand the entry back as ``accepted``), and
+        release the lease.
 
         Applies only while ``owner`` holds the entry's lease and the entry is not finished;
         returns False otherwise (a replayer whose lease ran out must not overwrite another's

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from resilgate.state.records import AuditRecord, ForcedMode, JournalEntry, Verdict
 from resilgate.state.redis import RedisStore
@@ -56,8 +57,13 @@ async def eventually(condition: Callable[[], Any], within_s: float, what: str) -
         await asyncio.sleep(0.01)
 
 
-def entry(ticket: str) -> JournalEntry:
-    return JournalEntry(ticket, "his-orders-write", b'{"resourceType":"ServiceRequest"}', 0.0)
+def entry(ticket: str, queue: str = "his") -> JournalEntry:
+    payload = b'{"resourceType":"ServiceRequest"}'
+    return JournalEntry(ticket, f"{queue}-orders-write", payload, 0.0, queue=queue)
+
+
+def tickets(entries: list[JournalEntry]) -> list[str]:
+    return [e.ticket for e in entries]
 
 
 async def test_sigkill_while_appending_500_loses_no_acknowledged_entry(
@@ -152,7 +158,8 @@ async def test_operations_fail_fast_while_redis_is_stopped_or_down(
         "take_block": lambda: store.take_block("NEI", 1),
         "cache_get": lambda: store.cache_get("k"),
         "journal_list": store.journal_list,
-        "journal_claim": lambda: store.journal_claim("gw-a", 10, 30),
+        "journal_claim": lambda: store.journal_claim("his", "gw-a", 10, 30),
+        "journal_note": lambda: store.journal_note("J-stopped", "gw-a", "msgid M-1"),
         "audit_append": lambda: store.audit_append(AuditRecord(now, "ops", "a", "t", "r")),
         "trim": lambda: store.trim(now, 60, 60, 60),
     }
@@ -241,6 +248,32 @@ async def test_starts_with_redis_down_spools_across_a_restart_and_drains(
     assert fresh.seq == 21  # straight to Redis once the spool is empty
 
 
+async def test_spooled_entries_keep_their_queue(
+    redis_factory: Callable[..., RedisServer], open_store: OpenStore
+) -> None:
+    server = redis_factory()  # down: every append is spooled
+    store = await open_store(server.url)
+    for n in range(3):
+        assert (await store.journal_append(entry(f"H-{n}", "his"))).seq == 0
+        assert (await store.journal_append(entry(f"I-{n}", "insurance"))).seq == 0
+    spooled = await store.journal_get("I-1")
+    assert spooled is not None and (spooled.queue, spooled.seq) == ("insurance", 0)
+    await asyncio.to_thread(server.start)
+    await eventually(lambda: _spool_empty(store), 10, "the spool to drain")
+
+    moved = await store.journal_get("I-1")
+    assert moved is not None and moved.queue == "insurance" and moved.seq > 0
+    assert tickets(await store.journal_list(queue="his")) == ["H-0", "H-1", "H-2"]
+    insurance = await store.journal_claim("insurance", "gw-a", limit=5, lease_s=30)
+    assert tickets(insurance) == ["I-0", "I-1", "I-2"]
+    assert {e.queue for e in insurance} == {"insurance"}
+    assert tickets(await store.journal_claim("his", "gw-b", limit=5, lease_s=30)) == [
+        "H-0",
+        "H-1",
+        "H-2",
+    ]
+
+
 async def test_leases_expire_and_finished_entries_are_trimmed(
     redis_server: RedisServer, open_store: OpenStore
 ) -> None:
@@ -248,15 +281,16 @@ async def test_leases_expire_and_finished_entries_are_trimmed(
     store = await open_store(redis_server.url, clock=lambda: now[0])
     for n in range(3):
         await store.journal_append(entry(f"J-{n}"))
-    assert [e.ticket for e in await store.journal_claim("gw-a", 2, lease_s=30)] == ["J-0", "J-1"]
-    assert [e.ticket for e in await store.journal_claim("gw-b", 5, lease_s=30)] == ["J-2"]
+    assert tickets(await store.journal_claim("his", "gw-a", 2, lease_s=30)) == ["J-0", "J-1"]
+    assert await store.journal_claim("his", "gw-b", 5, lease_s=30) == []
     now[0] += 31
-    assert [e.ticket for e in await store.journal_claim("gw-b", 5, lease_s=30)] == [
+    assert tickets(await store.journal_claim("his", "gw-b", 5, lease_s=30)) == [
         "J-0",
         "J-1",
         "J-2",
     ]
     await store.journal_finish("J-0", "gw-b", "applied", "201")
+    await store.journal_note("J-1", "gw-b", "sent msgid M-1")
     await store.journal_finish("J-1", "gw-b", "failed", "409")
     with pytest.raises(KeyError):
         await store.journal_finish("J-9", "gw-b", "applied", "")
@@ -266,6 +300,13 @@ async def test_leases_expire_and_finished_entries_are_trimmed(
     now[0] += 11
     assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20, verdict_keep_s=3600) == 2
     assert [e.ticket for e in await store.journal_list()] == ["J-2"]
+    # What a claim reads (the queue's open set) and the queue by ticket went with the entries.
+    raw = Redis.from_url(redis_server.url)
+    try:
+        assert await raw.zrange(f"{store.namespace}:journal:open:his", 0, -1) == [b"J-2"]
+        assert await raw.hkeys(f"{store.namespace}:journal:queue") == [b"J-2"]
+    finally:
+        await raw.aclose()
     now[0] += 60
     assert await store.cache_get("allergies") is None
     assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20, verdict_keep_s=3600) == 1

@@ -72,10 +72,18 @@ def mode(target: str = "his", name: str = "dr", expires_at: float | None = None)
     return ForcedMode(target, name, "primary DC power work", "ops:li", time.time(), expires_at)  # type: ignore[arg-type]
 
 
-def entry(ticket: str, created_at: float = 0.0) -> JournalEntry:
+def entry(ticket: str, created_at: float = 0.0, queue: str = "his") -> JournalEntry:
     return JournalEntry(
-        ticket, "his-orders-write", b'{"resourceType":"MedicationRequest"}', created_at
+        ticket,
+        f"{queue}-orders-write",
+        b'{"resourceType":"MedicationRequest"}',
+        created_at,
+        queue=queue,
     )
+
+
+def tickets(entries: list[JournalEntry]) -> list[str]:
+    return [e.ticket for e in entries]
 
 
 async def test_modes_round_trip_and_are_announced(store: StateStore) -> None:
@@ -171,45 +179,127 @@ async def test_journal_keeps_acceptance_order_and_refuses_duplicates(store: Stat
     listed = await store.journal_list()
     assert [e.ticket for e in listed] == [f"J-{n:03d}" for n in range(5)]
     got = await store.journal_get("J-003")
-    assert got is not None and got.payload == entry("J-003").payload
+    assert got is not None and got.payload == entry("J-003").payload and got.queue == "his"
     assert await store.journal_get("J-999") is None
 
 
-async def test_journal_claims_are_exclusive_until_the_lease_ends(
+async def test_a_queue_is_worked_by_one_owner_at_a_time_in_order(
     store: StateStore, clock: FakeClock
 ) -> None:
     for n in range(4):
         await store.journal_append(entry(f"J-{n}"))
-    first = await store.journal_claim("gw-a", limit=3, lease_s=30)
-    assert [e.ticket for e in first] == ["J-0", "J-1", "J-2"]
-    second = await store.journal_claim("gw-b", limit=3, lease_s=30)
-    assert [e.ticket for e in second] == ["J-3"]
+    assert tickets(await store.journal_claim("his", "gw-a", limit=2, lease_s=30)) == ["J-0", "J-1"]
+    assert await store.journal_claim("his", "gw-b", limit=5, lease_s=30) == []  # head of line
     assert await store.journal_finish("J-0", "gw-a", "applied", "201 Created")
+    assert await store.journal_claim("his", "gw-b", limit=5, lease_s=30) == []  # gw-a has J-1
     assert await store.journal_finish("J-1", "gw-a", "accepted", "503, will retry")  # released
-    third = await store.journal_claim("gw-b", limit=5, lease_s=30)
-    assert [e.ticket for e in third] == ["J-1", "J-3"]
-    clock.offset = 31  # gw-a's lease on J-2 ran out
-    fourth = await store.journal_claim("gw-b", limit=5, lease_s=30)
-    assert "J-2" in [e.ticket for e in fourth]
+    third = await store.journal_claim("his", "gw-b", limit=5, lease_s=30)
+    assert tickets(third) == ["J-1", "J-2", "J-3"]
+    assert (third[0].state, third[0].detail, third[0].queue) == (
+        "accepted",
+        "503, will retry",
+        "his",
+    )
+    assert await store.journal_claim("his", "gw-a", limit=5, lease_s=30) == []
+    clock.offset = 31  # gw-b's leases ran out
+    assert tickets(await store.journal_claim("his", "gw-a", limit=1, lease_s=30)) == ["J-1"]
+    # J-2 and J-3 are free to take, but they queue behind J-1, which gw-a holds.
+    assert await store.journal_claim("his", "gw-b", limit=5, lease_s=30) == []
     done = await store.journal_get("J-0")
     assert done is not None and (done.state, done.detail) == ("applied", "201 Created")
     unfinished = await store.journal_list(frozenset({"accepted", "replaying"}))
-    assert "J-0" not in [e.ticket for e in unfinished]
+    assert tickets(unfinished) == ["J-1", "J-2", "J-3"]
+
+
+async def test_a_claim_stops_before_an_entry_another_owner_holds(store: StateStore) -> None:
+    for n in range(3):
+        await store.journal_append(entry(f"J-{n}"))
+    assert tickets(await store.journal_claim("his", "gw-a", limit=2, lease_s=30)) == ["J-0", "J-1"]
+    assert await store.journal_finish("J-0", "gw-a", "accepted", "handed back")
+    assert tickets(await store.journal_claim("his", "gw-b", limit=5, lease_s=30)) == ["J-0"]
+    assert await store.journal_claim("his", "gw-a", limit=0, lease_s=30) == []
+
+
+async def test_claiming_again_renews_the_owners_lease(store: StateStore, clock: FakeClock) -> None:
+    for n in range(2):
+        await store.journal_append(entry(f"J-{n}"))
+    assert tickets(await store.journal_claim("his", "gw-a", limit=1, lease_s=30)) == ["J-0"]
+    clock.offset = 20
+    assert tickets(await store.journal_claim("his", "gw-a", limit=2, lease_s=30)) == ["J-0", "J-1"]
+    clock.offset = 35  # past the first lease, within the renewed one
+    assert await store.journal_claim("his", "gw-b", limit=5, lease_s=30) == []
+    clock.offset = 51
+    assert tickets(await store.journal_claim("his", "gw-b", limit=5, lease_s=30)) == ["J-0", "J-1"]
+    assert not await store.journal_finish("J-0", "gw-a", "applied", "too late")
+
+
+async def test_queues_are_claimed_and_listed_apart(store: StateStore) -> None:
+    for n in range(2):
+        await store.journal_append(entry(f"H-{n}", queue="his"))
+        await store.journal_append(entry(f"I-{n}", queue="insurance"))
+    await store.journal_append(JournalEntry("X-0", "legacy", b"{}", 0.0))  # the queue ""
+    assert tickets(await store.journal_claim("his", "gw-a", limit=5, lease_s=30)) == ["H-0", "H-1"]
+    insurance = await store.journal_claim("insurance", "gw-b", limit=5, lease_s=30)
+    assert tickets(insurance) == ["I-0", "I-1"]
+    assert {e.queue for e in insurance} == {"insurance"}
+    assert await store.journal_claim("his", "gw-b", limit=5, lease_s=30) == []
+    assert tickets(await store.journal_claim("", "gw-c", limit=5, lease_s=30)) == ["X-0"]
+    assert await store.journal_claim("lab", "gw-c", limit=5, lease_s=30) == []
+    assert await store.journal_finish("I-0", "gw-b", "applied", "200")
+    assert await store.journal_finish("H-0", "gw-a", "applied", "201")  # untouched by gw-b
+
+    assert tickets(await store.journal_list()) == ["H-0", "I-0", "H-1", "I-1", "X-0"]
+    assert tickets(await store.journal_list(queue="his")) == ["H-0", "H-1"]
+    assert tickets(await store.journal_list(queue="insurance", limit=1)) == ["I-0"]
+    assert tickets(await store.journal_list(queue="")) == ["X-0"]
+    assert await store.journal_list(queue="lab") == []
+    unfinished = frozenset({"accepted", "replaying"})
+    assert tickets(await store.journal_list(unfinished, queue="insurance")) == ["I-1"]
+    assert tickets(await store.journal_list(frozenset({"applied"}), queue="his")) == ["H-0"]
+    assert await store.journal_list(frozenset(), queue="his") == []
+
+
+async def test_a_note_keeps_the_lease_and_only_its_holder_writes_one(
+    store: StateStore, clock: FakeClock
+) -> None:
+    for n in range(2):
+        await store.journal_append(entry(f"J-{n}"))
+    assert tickets(await store.journal_claim("his", "gw-a", limit=1, lease_s=30)) == ["J-0"]
+    assert await store.journal_note("J-0", "gw-a", "insurance msgid M-1")
+    noted = await store.journal_get("J-0")
+    assert noted is not None and (noted.state, noted.detail) == ("replaying", "insurance msgid M-1")
+    assert await store.journal_claim("his", "gw-b", limit=5, lease_s=30) == []  # still gw-a's
+    assert not await store.journal_note("J-0", "gw-b", "insurance msgid M-2")
+    assert await store.journal_finish("J-0", "gw-a", "applied", "settled M-1")
+    assert not await store.journal_note("J-0", "gw-a", "late")  # finished
+    done = await store.journal_get("J-0")
+    assert done is not None and (done.state, done.detail) == ("applied", "settled M-1")
+
+    assert tickets(await store.journal_claim("his", "gw-a", limit=1, lease_s=30)) == ["J-1"]
+    assert await store.journal_note("J-1", "gw-a", "insurance msgid M-3")
+    clock.offset = 31  # gw-a's lease ran out: gw-b takes the entry over, and sees the note
+    (taken,) = await store.journal_claim("his", "gw-b", limit=1, lease_s=30)
+    assert (taken.ticket, taken.state, taken.detail) == ("J-1", "replaying", "insurance msgid M-3")
+    assert not await store.journal_note("J-1", "gw-a", "insurance msgid M-4")
+    assert await store.journal_note("J-1", "gw-b", "insurance msgid M-3, asked for its status")
+    assert tickets(await store.journal_list(frozenset({"replaying"}), queue="his")) == ["J-1"]
+    with pytest.raises(KeyError):
+        await store.journal_note("J-9", "gw-a", "")
 
 
 async def test_a_replayer_whose_lease_ran_out_cannot_overwrite_the_result(
     store: StateStore, clock: FakeClock
 ) -> None:
     await store.journal_append(entry("J-0"))
-    assert [e.ticket for e in await store.journal_claim("gw-a", 1, lease_s=30)] == ["J-0"]
+    assert tickets(await store.journal_claim("his", "gw-a", 1, lease_s=30)) == ["J-0"]
     clock.offset = 31
-    assert [e.ticket for e in await store.journal_claim("gw-b", 1, lease_s=30)] == ["J-0"]
+    assert tickets(await store.journal_claim("his", "gw-b", 1, lease_s=30)) == ["J-0"]
     assert await store.journal_finish("J-0", "gw-b", "applied", "201 Created")
     assert not await store.journal_finish("J-0", "gw-a", "accepted", "timeout, retry")
     assert not await store.journal_finish("J-0", "gw-b", "failed", "late second answer")
     done = await store.journal_get("J-0")
     assert done is not None and (done.state, done.detail) == ("applied", "201 Created")
-    assert await store.journal_claim("gw-c", 5, lease_s=30) == []
+    assert await store.journal_claim("his", "gw-c", 5, lease_s=30) == []
     with pytest.raises(KeyError):
         await store.journal_finish("J-9", "gw-a", "applied", "")
 
@@ -228,8 +318,8 @@ async def test_trim_keeps_unfinished_journal_entries(store: StateStore) -> None:
     await store.audit_append(AuditRecord(now, "ops", "mode.set", "new", "r"))
     await store.journal_append(entry("J-open", now - 100))
     await store.journal_append(entry("J-done", now - 100))
-    await store.journal_claim("gw-a", limit=5, lease_s=30)
-    await store.journal_finish("J-done", "gw-a", "applied", "")
+    await store.journal_claim("his", "gw-a", limit=5, lease_s=30)
+    assert await store.journal_finish("J-done", "gw-a", "applied", "")
     await store.put_verdict(Verdict("his/primary", "gw-gone", "open", now - 100))
     await store.put_verdict(Verdict("his/primary", "gw-live", "closed", now + 50))
     removed = await store.trim(now + 60, audit_keep_s=100, journal_keep_s=50, verdict_keep_s=50)

@@ -1,6 +1,6 @@
-"""Stores shared by real processes: SQLite file sharing, durability and WAL; counters (SQLite
-and Redis) that never repeat a number across processes and restarts; leases (SQLite and Redis)
-that only one process holds at a time.
+"""Stores shared by real processes: SQLite file sharing, durability, WAL and schema migration;
+counters (SQLite and Redis) that never repeat a number across processes and restarts; leases
+and journal queues (SQLite and Redis) that only one process holds or works at a time.
 
 The behaviour every backend shares is in ``test_store_contract.py``. Here the other workers are
 real processes running this module (see the bottom): each opens the store, prints ``ready``,
@@ -33,6 +33,7 @@ _MODE = ForcedMode("his", "dr", "failover drill", "test", 0.0)
 _LEASE = "half-open:his/primary"
 _LEASE_NOW = 1_767_225_600.0
 _CHILD = [sys.executable, "-m", "tests.contract.test_store_processes"]
+_QUEUES = ("his", "insurance")
 _numbering = itertools.count()
 
 
@@ -231,6 +232,97 @@ def test_two_processes_asking_for_a_lease_at_once_never_both_get_it(
     print(f"{backend}: rounds won by each process: {wins}")
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_two_processes_work_each_journal_queue_one_at_a_time_in_order(
+    tmp_path: Path, children: list[Child], backend: str, request: pytest.FixtureRequest
+) -> None:
+    target = request.getfixturevalue("redis_server").url if backend == "redis" else None
+    per_queue = 150
+
+    async def append() -> None:
+        store = _store_for(target or str(tmp_path / "state.db"))
+        await store.open()
+        try:
+            for n in range(per_queue):
+                for queue in _QUEUES:
+                    await store.journal_append(
+                        JournalEntry(f"{queue}-{n}", f"{queue}-write", b"{}", 0.0, queue=queue)
+                    )
+        finally:
+            await store.close()
+
+    asyncio.run(append())
+    workers = [start(children, tmp_path, "replay", 0, target) for _ in range(2)]
+    for child in workers:
+        child.go()
+    done = [[str(n), *line.split()] for n, child in enumerate(workers) for line in child.finish()]
+
+    # Each entry was claimed, noted and finished by one process: a second claim would show as a
+    # second line, or as a refused note or finish, which fails the child.
+    assert sorted(line[3] for line in done) == sorted(
+        f"{queue}-{n}" for queue in _QUEUES for n in range(per_queue)
+    )
+    handovers = 0
+    for queue in _QUEUES:
+        worked = sorted(
+            (int(seq), worker, float(claimed), float(finishing))
+            for worker, q, seq, _, claimed, finishing in done
+            if q == queue
+        )
+        for before, after in itertools.pairwise(worked):
+            assert after[3] > before[3], f"{queue}: {after} finished before {before}"
+            # Head of line: another process gets an entry only once the one before is finished.
+            if after[1] != before[1]:
+                assert after[2] > before[3], f"{queue}: {after} claimed while {before} was held"
+                handovers += 1
+    print(
+        f"{backend}: entries replayed by each process: {[len(c.lines()) for c in workers]}, "
+        f"{handovers} times a queue went from one process to the other"
+    )
+
+
+async def test_an_old_journal_table_gets_its_queue_column_on_open(tmp_path: Path) -> None:
+    old = sqlite3.connect(tmp_path / "state.db")
+    old.executescript(
+        """
+        CREATE TABLE journal (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, ticket TEXT NOT NULL UNIQUE,
+            route TEXT NOT NULL, payload BLOB NOT NULL, state TEXT NOT NULL,
+            detail TEXT NOT NULL, created_at REAL NOT NULL, finished_at REAL,
+            lease_owner TEXT, lease_until REAL);
+        CREATE INDEX journal_open ON journal (seq) WHERE state IN ('accepted', 'replaying');
+        INSERT INTO journal (ticket, route, payload, state, detail, created_at)
+            VALUES ('J-old', 'his-orders-write', x'7b7d', 'accepted', '', 1.0);
+        """
+    )
+    old.close()
+    for _ in range(2):  # migrated once; the second open finds the column there
+        store = SqliteStore(tmp_path / "state.db")
+        await store.open()
+        try:
+            legacy = await store.journal_get("J-old")
+            assert legacy is not None and (legacy.queue, legacy.payload) == ("", b"{}")
+            if await store.journal_get("J-new") is None:
+                await store.journal_append(
+                    JournalEntry("J-new", "his-write", b"{}", 2.0, queue="his")
+                )
+            claimed = await store.journal_claim("his", "gw-a", limit=5, lease_s=30)
+            assert [(e.ticket, e.queue) for e in claimed] == [("J-new", "his")]
+            assert [e.ticket for e in await store.journal_claim("", "gw-a", 5, 30)] == ["J-old"]
+        finally:
+            await store.close()
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        indexes = {
+            name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+        plan = db.execute(
+            "EXPLAIN QUERY PLAN SELECT seq FROM journal WHERE queue = 'his'"
+            " AND state IN ('accepted', 'replaying') ORDER BY seq"
+        ).fetchall()
+    assert "journal_queue_open" in indexes
+    assert "journal_queue_open" in str(plan)
+
+
 def test_acknowledged_journal_entries_survive_sigkill(
     tmp_path: Path, children: list[Child]
 ) -> None:
@@ -332,33 +424,51 @@ async def _lease(store: StateStore, count: int) -> None:
         _say("won" if won else "lost")
 
 
-async def _append(store: SqliteStore, count: int) -> None:
+async def _append(store: StateStore, count: int) -> None:
     for n in range(count):
         entry = JournalEntry(f"ticket-{n}", "/fhir/Encounter", b'{"n": %d}' % n, time.time())
         _say((await store.journal_append(entry)).ticket)
 
 
-async def _put_mode(store: SqliteStore, count: int) -> None:
+async def _replay(store: StateStore, count: int) -> None:
+    # What a replayer does, as fast as the store lets it, on every queue, until none is left: a
+    # few entries at a time, in order. Each line says when the entry was handed out and when
+    # its finish was sent.
+    owner = f"gw-{os.getpid()}"
+    while await store.journal_list(frozenset({"accepted", "replaying"}), limit=1):
+        for queue in _QUEUES:
+            claimed = await store.journal_claim(queue, owner, limit=3, lease_s=60)
+            claimed_at = time.monotonic()  # one clock for all processes on Linux
+            for entry in claimed:
+                assert await store.journal_note(entry.ticket, owner, "sent"), entry
+                finishing_at = time.monotonic()
+                assert await store.journal_finish(entry.ticket, owner, "applied", owner), entry
+                _say(f"{queue} {entry.seq} {entry.ticket} {claimed_at!r} {finishing_at!r}")
+
+
+async def _put_mode(store: StateStore, count: int) -> None:
     put_at = time.time()
     await store.put_mode(_MODE)
     _say(put_at)
 
 
-async def _watch(store: SqliteStore, count: int) -> None:
+async def _watch(store: StateStore, count: int) -> None:
     # A long wait: if the change were missed, the delay would show it.
     while _MODE.target not in await store.load_modes():
         await store.wait_for_change(30.0)
     _say(time.time())
 
 
-async def _child(role: str, db: str, count: int) -> None:
-    store: StateStore
+def _store_for(db: str) -> StateStore:
     if db.startswith("unix://"):
-        store = RedisStore(
+        return RedisStore(
             db, spool_path=Path(db.removeprefix("unix://")).parent / f"{os.getpid()}.spool"
         )
-    else:
-        store = SqliteStore(Path(db))
+    return SqliteStore(Path(db))
+
+
+async def _child(role: str, db: str, count: int) -> None:
+    store = _store_for(db)
     await store.open()
     _say("ready")
     sys.stdin.readline()
@@ -368,6 +478,7 @@ async def _child(role: str, db: str, count: int) -> None:
         "put_mode": _put_mode,
         "watch": _watch,
         "lease": _lease,
+        "replay": _replay,
     }
     await roles[role](store, count)
     await store.close()
