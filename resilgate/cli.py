@@ -1,4 +1,4 @@
-"""The ``resilgate`` command line: serve, check, demo, simulate."""
+"""The ``resilgate`` command line: serve, check, demo, simulate, mode, journal."""
 
 from __future__ import annotations
 
@@ -76,10 +76,47 @@ def _mode(args: argparse.Namespace) -> int:
     return run_mode(config, action)
 
 
+def _journal(args: argparse.Namespace) -> int:
+    from resilgate.journal_cli import list_entries, run_journal, show_entry
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    if args.action == "show":
+        action = show_entry(args.ticket)
+    else:
+        action = list_entries(args.state, args.queue, args.limit)
+    return run_journal(config, action)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     options = SimulatorOptions(kind=args.kind, site=args.site, seed=args.seed)
     run_simulator(options, args.host, args.port, args.ready_file)
     return 0
+
+
+def _add_journal(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    journal = verbs.add_parser("journal", help="list and show journaled writes and dead letters")
+    journal.add_argument(
+        "--config", type=Path, default=Path("resilgate.yaml"), help="main config file"
+    )
+    entries = journal.add_subparsers(dest="action", required=True)
+    listing = entries.add_parser("list", help="one line per entry, in acceptance order")
+    listing.add_argument(
+        "--state",
+        choices=["dead", "open", "all"],
+        default="all",
+        help="dead: conflicts and failures for a person; open: not replayed yet",
+    )
+    listing.add_argument("--queue", help="only this queue (an upstream's name)")
+    listing.add_argument("--limit", type=int, default=1000, help="at most this many entries")
+    show = entries.add_parser("show", help="one entry's state and the upstream's answer")
+    show.add_argument("ticket")
+    for action in (listing, show):  # --config is also taken after the action
+        action.add_argument(
+            "--config", type=Path, default=argparse.SUPPRESS, help="main config file"
+        )
+    journal.set_defaults(run=_journal)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     clear.add_argument("--actor", default=default_actor())
     actions.add_parser("list", help="modes in force")
     mode.set_defaults(run=_mode)
+
+    _add_journal(verbs)
 
     simulate = verbs.add_parser("simulate", help="run one simulated hospital upstream")
     simulate.add_argument("kind", choices=SIMULATOR_KINDS)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -386,13 +387,40 @@ class SelfPayOptions(_Model):
         description="Notice on a self-pay answer, in English.",
     )
     settle_timeout_s: float = Field(
-        20.0, gt=0, description="Re-settlement call timeout; a 2207 past it is `unknown`."
+        20.0,
+        gt=0,
+        description="Timeout of each re-settlement call (2207, 5203, 2601); a 2207 past it is "
+        "`unknown`.",
     )
     resolve_after_s: float = Field(
         30.0,
         gt=0,
         description="Wait before querying (5203) a settlement whose outcome is unknown.",
     )
+    msgid_sequence_from: int = Field(
+        9000,
+        ge=0,
+        le=9999,
+        description="First of the 4-digit msgid sequence numbers the re-settlement uses "
+        "(drawn fleet-wide from the state store); the HIS's own msgids must stay outside "
+        "`msgid_sequence_from`..`msgid_sequence_to`.",
+    )
+    msgid_sequence_to: int = Field(
+        9999, ge=0, le=9999, description="Last msgid sequence number the re-settlement uses."
+    )
+    utc_offset_hours: float = Field(
+        8.0,
+        ge=-12,
+        le=14,
+        description="The insurer's local time, in hours east of UTC, for the timestamp in "
+        "re-settlement msgids and `inf_time` (China: 8).",
+    )
+
+    @model_validator(mode="after")
+    def _sequence_range(self) -> SelfPayOptions:
+        if self.msgid_sequence_to < self.msgid_sequence_from:
+            raise ValueError("msgid_sequence_to must be at least msgid_sequence_from")
+        return self
 
 
 class LocalQueueOptions(_Model):
@@ -400,9 +428,10 @@ class LocalQueueOptions(_Model):
 
     prefix: str = Field(
         "L-",
-        min_length=1,
-        description="Put before every local number so it never looks like the registration "
-        "system's own (e.g. `L-A023`).",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,11}$",
+        description="Put before every local number (`L-` + department + number: `L-NEI-0007`) "
+        "so it never looks like the registration system's own (`A023`); letters, digits, "
+        "`-`, `_` (numbers appear in URL paths).",
     )
     block_size: int = Field(
         100, ge=1, description="Numbers leased from the store at a time per department and day."
@@ -413,10 +442,32 @@ class LocalQueueOptions(_Model):
         description="Blocks held in reserve beyond the current one, so numbers keep coming "
         "while the store is unreachable.",
     )
-    departments: list[str] = Field(
+    departments: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,32}$")]] = Field(
         default_factory=list,
-        description="Departments whose numbers are leased ahead at start-up and each day.",
+        description="Departments whose numbers are leased ahead at start-up and each day (any "
+        "other department leases its first block when it first needs one).",
     )
+    timezone: str | None = Field(
+        None,
+        description="IANA time zone whose date scopes the numbers (`Asia/Shanghai`): they "
+        "restart per department and hospital day. Unset: the gateway host's local time.",
+    )
+    board_refresh_s: float = Field(
+        1.0,
+        gt=0,
+        description="Longest age of the locally issued queue a worker shows on boards: one "
+        "store read per interval and worker, however many boards poll.",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {value!r}") from None
+        return value
 
 
 class StaleCacheOptions(_Model):
@@ -424,21 +475,30 @@ class StaleCacheOptions(_Model):
 
     keys_env: str = Field(
         "RESILGATE_CACHE_KEYS",
-        description="Environment variable with the AES-256-GCM keys as `id:base64key`, "
-        "comma-separated, the first one encrypts (rotation: put the new key first).",
+        description="Environment variable with the AES-256-GCM keys as `id:base64key` (32 "
+        "bytes, e.g. `k1:$(openssl rand -base64 32)`), comma-separated; the first one "
+        "encrypts, every one decrypts (rotation: put the new key first, drop the old one "
+        "`max_staleness_s` later). No key: nothing is cached; an unusable key: no start.",
     )
     keys_file: Path | None = Field(
-        None, description="File with the same content instead of the environment variable."
+        None,
+        description="File with the same content (also one key a line), read instead of the "
+        "environment variable; relative to the main config file's directory.",
     )
     identity_header: str | None = Field(
         None,
-        description="Request header naming the caller (set by a trusted front proxy); unset: "
-        "the bearer token's subject. A request without identity is never cached.",
+        description="Request header naming the caller, set by a trusted front proxy (then only "
+        "it counts); unset: the bearer token's `sub`, bound to the whole token, so a copy is "
+        "served only to the same unexpired token. A request without identity is never cached.",
     )
-    max_staleness_s: float = Field(86400.0, gt=0, description="Oldest copy that is still served.")
+    max_staleness_s: float = Field(
+        86400.0, gt=0, description="Oldest copy that is still served; older ones are dropped."
+    )
     max_entry_bytes: int = Field(256 * 1024, ge=1, description="Larger answers are not cached.")
     max_total_bytes: int = Field(
-        256 * 1024 * 1024, ge=1, description="Bound on the cache's total size."
+        256 * 1024 * 1024,
+        ge=1,
+        description="Bound on the cache's total size (not enforced yet: needs store eviction).",
     )
 
 
@@ -449,10 +509,18 @@ class JournalOptions(_Model):
         "urn:resilgate:ticket",
         description="FHIR identifier system of the ticket put in journaled resources.",
     )
+    message_zh: str = Field(
+        "系统抢修中，本单已登记，将在系统恢复后自动录入；请保留单号",
+        description="Notice on the `202 Accepted` answer, in Chinese.",
+    )
+    message_en: str = Field(
+        "The system is being repaired: this order is recorded and will be entered "
+        "automatically once it is back; keep the ticket number.",
+        description="Notice on the `202 Accepted` answer, in English.",
+    )
     replay_rate_per_s: float = Field(
         20.0, gt=0, description="Most entries replayed per second and upstream (recovery is load)."
     )
-    claim_batch: int = Field(10, ge=1, description="Entries a replayer takes at a time.")
     claim_lease_s: float = Field(
         30.0,
         gt=0,

@@ -151,7 +151,14 @@ class Replayer:
                 continue
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             next_at = time.monotonic() + interval
-            outcome = await self._replay_one(store, entries[0])
+            try:
+                outcome = await self._replay_one(store, entries[0])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the outcome could not be recorded: the entry stays
+                log.warning("replay_record_failed", queue=queue, error=f"{exc}"[:200])
+                await asyncio.sleep(options.retry_after_s)
+                continue
             if outcome.state == "accepted":
                 await asyncio.sleep(options.retry_after_s)
 

@@ -4,7 +4,10 @@ Seeded patients ``p-10000``... and the probe patient ``test-0001`` (allergic to 
 come with allergies, medications, conditions, labs and encounters. ``MedicationRequest`` and
 ``ServiceRequest`` can be created (conditional create through ``If-None-Exist:
 identifier=system|value``: no match 201, one match 200 and nothing created, several 412) and
-updated with ``If-Match`` (stale version 412). The ``conditional_create`` switch of
+updated with ``If-Match`` (stale version 412). A create or update whose ``subject`` (or
+``patient``) references a ``Patient/{id}`` that does not exist breaks a business rule: 422
+with an ``OperationOutcome`` (error, business-rule), nothing applied (a conditional create
+that matches answers 200 first). The ``conditional_create`` switch of
 ``PUT /_sim/options`` turns conditional create off: requests carrying ``If-None-Exist`` then
 get 412, like a server without the feature. Writes are logged as ``<Type>.create`` (key: the
 first identifier as ``system|value``, else ``Type/id``) and ``<Type>.update`` (key ``Type/id``).
@@ -58,6 +61,7 @@ SORT_DATE = {
     "ServiceRequest": "authoredOn",
 }
 _ETAG = re.compile(r'^(?:W/)?"(\d+)"$')
+_PATIENT_REF = re.compile(r"(?:^|/)Patient/([^/]+)$")
 
 ALLERGENS = (
     ("青霉素 Penicillin", "medication", "high", "皮疹、呼吸困难"),
@@ -289,6 +293,10 @@ class PreconditionFailed(Exception):
     """An ``If-Match`` naming a version that is no longer current."""
 
 
+class BusinessRuleViolation(Exception):
+    """A well-formed resource the HIS will not take (422), e.g. an order for nobody."""
+
+
 class FhirStore:
     """All resources of the simulated HIS, with their version history."""
 
@@ -382,6 +390,7 @@ class FhirStore:
                 existing = matches[0]
                 self._writes.duplicate(f"{kind}.create", token, id=existing["id"])
                 return False, existing
+        self._check_subject(body)
         self._next_id += 1
         resource = {**body, "resourceType": kind, "id": f"{kind[:2].lower()}-n{self._next_id:06d}"}
         self._store(resource, version=1, stamp=now_cn().isoformat(timespec="seconds"))
@@ -409,10 +418,19 @@ class FhirStore:
                 raise PreconditionFailed(
                     f"If-Match names version {match.group(1)}, current is {version}"
                 )
+        self._check_subject(body)
         resource = {**body, "resourceType": kind, "id": rid}
         self._store(resource, version=version + 1, stamp=now_cn().isoformat(timespec="seconds"))
         self._writes.applied(f"{kind}.update", f"{kind}/{rid}", id=rid, version=version + 1)
         return resource
+
+    def _check_subject(self, body: Mapping[str, Any]) -> None:
+        """``BusinessRuleViolation`` when the resource is about a Patient the HIS does not know."""
+        for element in ("subject", "patient"):
+            reference = _get_path(body, f"{element}.reference")
+            found = _PATIENT_REF.search(reference) if isinstance(reference, str) else None
+            if found is not None and self.read("Patient", found.group(1)) is None:
+                raise BusinessRuleViolation(f"{element} {reference} does not exist")
 
 
 def _check_body(kind: str, body: Mapping[str, Any]) -> None:
@@ -543,6 +561,8 @@ async def create(request: web.Request) -> web.Response:
         return fhir_response(outcome("invalid", str(exc)), 400)
     except ConditionalCreateError as exc:
         return fhir_response(outcome("duplicate", str(exc)), 412)
+    except BusinessRuleViolation as exc:
+        return fhir_response(outcome("business-rule", str(exc)), 422)
     return fhir_response(
         resource, 201 if created else 200, headers=_version_headers(request, resource)
     )
@@ -558,6 +578,8 @@ async def update(request: web.Request) -> web.Response:
         return fhir_response(outcome("invalid", str(exc)), 400)
     except PreconditionFailed as exc:
         return fhir_response(outcome("conflict", str(exc)), 412)
+    except BusinessRuleViolation as exc:
+        return fhir_response(outcome("business-rule", str(exc)), 422)
     if resource is None:
         return fhir_response(outcome("not-found", f"{kind}/{rid} is not known"), 404)
     return fhir_response(resource, headers=_version_headers(request, resource))
@@ -571,7 +593,10 @@ async def platform_error(request: web.Request) -> web.Response:
 def build_app(options: SimulatorOptions) -> web.Application:
     app = web.Application()
     control = install_faults(
-        app, options, flags={"conditional_create": True}, platform_error=platform_error
+        app,
+        options,
+        flags={"conditional_create": True},
+        platform_error=platform_error,
     )
     app[STORE] = FhirStore(options.seed, control.writes)
     app.router.add_get("/fhir/metadata", metadata)

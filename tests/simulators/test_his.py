@@ -12,7 +12,7 @@ FHIR = "application/fhir+json"
 TICKET = "urn:resilgate:ticket"
 
 
-def medication_request(ticket: str, patient: str = "p-10086") -> dict[str, Any]:
+def medication_request(ticket: str, patient: str = "p-10042") -> dict[str, Any]:
     return {
         "resourceType": "MedicationRequest",
         "status": "active",
@@ -147,8 +147,8 @@ async def test_conditional_create_applies_once(spawn: Any) -> None:
         )
         assert status == 200
         assert again["id"] == created["id"]
-        _, active = await get(http, f"{url}?patient=p-10086&status=active")
-        assert [e["resource"]["id"] for e in active["entry"]] == [created["id"]]
+        _, active = await get(http, f"{url}?patient=p-10042&status=active")
+        assert [e["resource"]["id"] for e in active["entry"]].count(created["id"]) == 1
 
         async with http.get(f"{sim.url()}/_sim/writes") as response:
             log = await response.json()
@@ -234,3 +234,29 @@ async def test_bad_writes_get_400_operation_outcome(spawn: Any) -> None:
         assert status == 400
         async with http.get(f"{sim.url()}/_sim/writes") as response:
             assert (await response.json())["writes"] == []
+
+
+async def test_an_order_for_a_patient_the_his_does_not_know_is_422(spawn: Any) -> None:
+    sim = spawn.simulator("his")
+    url = f"{sim.url()}/fhir/MedicationRequest"
+    condition = f"identifier={TICKET}|J-5"
+    async with aiohttp.ClientSession() as http:
+        status, outcome, _ = await create(
+            http, url, medication_request("J-5", "p-99999"), condition
+        )
+        assert status == 422
+        assert outcome["resourceType"] == "OperationOutcome"
+        issue = outcome["issue"][0]
+        assert (issue["severity"], issue["code"]) == ("error", "business-rule")
+        assert "Patient/p-99999 does not exist" in issue["diagnostics"]
+        status, created, _ = await create(
+            http, url, medication_request("J-6"), condition[:-1] + "6"
+        )
+        assert status == 201
+        moved = {**created, "subject": {"reference": "Patient/p-99999"}}
+        async with http.put(f"{url}/{created['id']}", json=moved) as response:
+            assert response.status == 422
+        async with http.get(f"{sim.url()}/_sim/writes") as response:
+            log = await response.json()
+        assert [w["key"] for w in log["writes"]] == [f"{TICKET}|J-6"]
+        assert log["duplicates"] == []

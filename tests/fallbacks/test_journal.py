@@ -1,0 +1,383 @@
+"""The journal: HIS writes while the HIS is down are acknowledged with a ticket, then applied
+upstream exactly once and in acceptance order when it is back; what the HIS rejects becomes a
+dead letter for a person. Real gateway and HIS simulator processes; the HIS DR site is a
+read-only replica, so writes have only the primary."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from fallbacks.journal import replay_state, same_resource, write_kind
+from resilgate.fallback import TICKETS_PATH
+from tests.conftest import REPO, ServerProcess, Spawner, wait_until
+from tests.failover_stack import Stack, sim_call, start_stack
+
+FHIR = "application/fhir+json"
+SYSTEM = "urn:resilgate:ticket"
+ROUTES = [
+    {
+        "name": "his-orders-write",
+        "upstream": "his",
+        "criticality": "core",
+        "fallback": "journal",
+        "match": {"path_prefix": "/fhir/", "methods": ["POST", "PUT"]},
+        "timeouts": {"connect_s": 0.5, "total_s": 2},
+        "failure_body": {"format": "fhir"},
+    },
+    {
+        "name": "his-read",
+        "upstream": "his",
+        "criticality": "core",
+        "match": {"path_prefix": "/fhir/"},
+        "timeouts": {"connect_s": 0.5, "total_s": 2},
+    },
+]
+
+
+def journal_options(**options: Any) -> dict[str, Any]:
+    return {"journal": {"claim_lease_s": 2, "retry_after_s": 0.5, **options}}
+
+
+def order(n: int, patient: str = "p-10042") -> dict[str, Any]:
+    return {
+        "resourceType": "MedicationRequest",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": f"Patient/{patient}"},
+        "requester": {"reference": "Practitioner/d-77"},
+        "medicationCodeableConcept": {"text": f"Amoxicillin 500 mg capsule, order {n}"},
+        "dosageInstruction": [{"text": "500 mg po tid x 5 d"}],
+    }
+
+
+def report(name: str, **figures: Any) -> None:
+    print(f"\n[{name}] " + ", ".join(f"{key}={value}" for key, value in figures.items()))
+
+
+def primary_down(stack: Stack, endpoint: str = "his/primary") -> None:
+    stack.primary.signal(signal.SIGKILL)
+    wait_until(
+        lambda: [r for r in stack.events("probe_down") if r["endpoint"] == endpoint],
+        10,
+        "the probes to see the primary down",
+    )
+
+
+def his_back(spawn: Spawner, stack: Stack) -> ServerProcess:
+    port = str(stack.primary.port())
+    return spawn.start("his-back", ["simulate", "his", "--port", port, "--site", "primary"])
+
+
+def writes(his: ServerProcess) -> dict[str, Any]:
+    log: dict[str, Any] = sim_call(his, "GET", "/_sim/writes")
+    return log
+
+
+def created_keys(his: ServerProcess) -> list[str]:
+    return [w["key"] for w in writes(his)["writes"] if w["kind"] == "MedicationRequest.create"]
+
+
+async def post_orders(http: aiohttp.ClientSession, url: str, orders: list[Any]) -> list[str]:
+    """POST the orders one after the other; each must be journaled. Their tickets, in order."""
+    tickets = []
+    for body in orders:
+        async with http.post(
+            f"{url}/fhir/MedicationRequest",
+            data=orjson.dumps(body),
+            headers={"Content-Type": FHIR, "Authorization": "Bearer doctor-77"},
+        ) as response:
+            answer = await response.json()
+            assert response.status == 202, answer
+            assert response.headers["X-Resilgate-Degraded"] == "journal"
+            assert "X-Resilgate-Upstream" not in response.headers
+        assert answer["state"] == "accepted"
+        assert answer["status_url"] == TICKETS_PATH + answer["ticket"]
+        assert response.headers["Location"] == answer["status_url"]
+        assert answer["notice"]["zh"] and answer["notice"]["en"]
+        tickets.append(answer["ticket"])
+    assert len(set(tickets)) == len(tickets)
+    return tickets
+
+
+def ticket_of(url: str, ticket: str) -> dict[str, Any]:
+    """What the gateway's ticket URL says (synchronous, for wait_until)."""
+    with urllib.request.urlopen(f"{url}{TICKETS_PATH}{ticket}", timeout=5) as response:
+        status: dict[str, Any] = json.loads(response.read())
+        return status
+
+
+def all_finished(url: str, tickets: list[str]) -> list[dict[str, Any]] | None:
+    """Every ticket's status once none is left to replay, else None."""
+    found = [ticket_of(url, ticket) for ticket in tickets]
+    return found if all(s["state"] not in ("accepted", "replaying") for s in found) else None
+
+
+def journal_cli(config: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "resilgate", "journal", *args, "--config", config],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+        text=True,
+    )
+    return done.stdout
+
+
+async def test_300_writes_during_an_outage_are_applied_once_each_in_acceptance_order(
+    spawn: Spawner,
+) -> None:
+    options = journal_options(replay_rate_per_s=200)
+    stack = start_stack(spawn, "his", ROUTES, dr_read_only=True, fallbacks=options)
+    primary_down(stack)
+    async with aiohttp.ClientSession() as http:
+        tickets = await post_orders(http, stack.url, [order(n) for n in range(300)])
+    first = ticket_of(stack.url, tickets[0])
+    assert (first["state"], first["queue"], first["route"]) == (
+        "accepted",
+        "his",
+        "his-orders-write",
+    )
+    assert writes(stack.dr)["writes"] == []  # the read-only replica took none
+
+    back_at = time.monotonic()
+    his = his_back(spawn, stack)
+    wait_until(lambda: len(created_keys(his)) >= 300, 25, "300 writes at the HIS")
+    replay_s = time.monotonic() - back_at
+    assert created_keys(his) == [f"{SYSTEM}|{ticket}" for ticket in tickets]
+    assert writes(his)["duplicates"] == []
+    ended = wait_until(lambda: all_finished(stack.url, tickets), 10, "every ticket finished")
+    assert [s["state"] for s in ended] == ["applied"] * 300
+    assert {s["detail"]["status"] for s in ended} == {201}
+    assert all(s["detail"]["resource"].startswith("MedicationRequest/") for s in ended)
+    stamps = [datetime.fromisoformat(w["at"]) for w in writes(his)["writes"]]
+    pace_s = (stamps[-1] - stamps[0]).total_seconds()
+    report(
+        "journal-300",
+        back_to_all_written_s=round(replay_s, 2),
+        first_to_last_write_s=round(pace_s, 2),
+        writes_per_s=round(299 / pace_s, 1),
+    )
+
+
+async def test_a_gateway_killed_mid_replay_leaves_no_write_lost_doubled_or_reordered(
+    spawn: Spawner,
+) -> None:
+    options = journal_options(replay_rate_per_s=50)
+    stack = start_stack(spawn, "his", ROUTES, dr_read_only=True, fallbacks=options)
+    primary_down(stack)
+    async with aiohttp.ClientSession() as http:
+        tickets = await post_orders(http, stack.url, [order(n) for n in range(300)])
+
+    his = his_back(spawn, stack)
+    # The ward enters the last paper order by hand, with its ticket, before its replay.
+    by_hand = {**order(299), "identifier": [{"system": SYSTEM, "value": tickets[-1]}]}
+    assert sim_call(his, "POST", "/fhir/MedicationRequest", by_hand)["id"]
+    wait_until(lambda: len(created_keys(his)) >= 60, 15, "the replay to be under way")
+    stack.gateway.signal(signal.SIGKILL)
+    stack.gateway.proc.wait(timeout=5)
+    at_kill = len(created_keys(his))
+    assert at_kill < 300, "the kill must land mid-replay"
+
+    config = str(spawn.tmp_path / "gateway.yaml")  # same config, same state file
+    gateway = spawn.start("gateway-again", ["serve", "--config", config, "--workers", "1"])
+    ended = wait_until(lambda: all_finished(gateway.url(), tickets), 25, "every ticket finished")
+    keys = [f"{SYSTEM}|{ticket}" for ticket in tickets]
+    assert created_keys(his) == keys[-1:] + keys[:-1]
+    by_state = {s["ticket"]: s["state"] for s in ended}
+    assert by_state[tickets[-1]] == "duplicate"
+    assert set(by_state.values()) <= {"applied", "duplicate"}
+    # An entry sent again (the gateway died before recording its answer) is recognised too.
+    recognised = {d["key"].rpartition("|")[2] for d in writes(his)["duplicates"]}
+    assert recognised == {t for t, state in by_state.items() if state == "duplicate"}
+    report("journal-crash", writes_at_kill=at_kill, resent=len(recognised) - 1)
+
+
+async def test_a_write_the_his_rejects_is_a_dead_letter_and_the_replay_goes_on(
+    spawn: Spawner,
+) -> None:
+    stack = start_stack(spawn, "his", ROUTES, dr_read_only=True, fallbacks=journal_options())
+    primary_down(stack)
+    orders = [order(n, patient="p-99999" if n == 6 else "p-10042") for n in range(20)]
+    async with aiohttp.ClientSession() as http:
+        tickets = await post_orders(http, stack.url, orders)
+    rejected = tickets[6]
+
+    his = his_back(spawn, stack)
+    ended = wait_until(lambda: all_finished(stack.url, tickets), 20, "every ticket finished")
+    assert created_keys(his) == [f"{SYSTEM}|{t}" for t in tickets if t != rejected]
+    assert [s["state"] for s in ended] == [
+        "failed" if t == rejected else "applied" for t in tickets
+    ]
+    dead = ended[6]["detail"]
+    assert dead["status"] == 422
+    assert dead["outcome"] == "business-rule: subject Patient/p-99999 does not exist"
+    assert dead["request"] == "POST /fhir/MedicationRequest"
+
+    config = str(spawn.tmp_path / "gateway.yaml")
+    lines = journal_cli(config, "list", "--state", "dead").splitlines()
+    assert len(lines) == 1
+    fields = lines[0].split("\t")
+    assert fields[:4] == [rejected, "his", "his-orders-write", "failed"]
+    assert "422" in fields[5] and "does not exist" in fields[5]
+    assert journal_cli(config, "list", "--state", "open") == ""
+    assert len(journal_cli(config, "list", "--queue", "his").splitlines()) == 20
+    shown = journal_cli(config, "show", rejected)
+    assert f"ticket\t{rejected}" in shown and "state\tfailed" in shown
+    assert '"status": 422' in shown
+    assert "Amoxicillin" not in shown and "Amoxicillin" not in "\n".join(lines)  # no payload
+
+
+async def test_updates_are_replayed_with_if_match_and_a_moved_on_record_is_a_conflict(
+    spawn: Spawner,
+) -> None:
+    stack = start_stack(spawn, "his", ROUTES, dr_read_only=True, fallbacks=journal_options())
+    config = str(spawn.tmp_path / "gateway.yaml")
+    his = f"{stack.primary.url()}/fhir/MedicationRequest"
+    async with aiohttp.ClientSession() as http:
+        created = []
+        for n in range(3):  # live: the HIS is up
+            async with http.post(f"{stack.url}/fhir/MedicationRequest", json=order(n)) as r:
+                assert r.status == 201 and r.headers["X-Resilgate-Upstream"] == "his/primary"
+                created.append(await r.json())
+
+        def mode(*args: str) -> None:
+            subprocess.run(
+                [sys.executable, "-m", "resilgate", "mode", "--config", config, *args],
+                check=True,
+                capture_output=True,
+                cwd=REPO,
+            )
+
+        mode("set", "his", "fallback", "--reason", "HIS upgrade")
+        wait_until(lambda: stack.events("mode_seen"), 5, "the mode to be seen")
+        tickets = []
+        for resource in created:
+            stopped = {**resource, "status": "stopped"}
+            async with http.put(
+                f"{stack.url}/fhir/MedicationRequest/{resource['id']}",
+                data=orjson.dumps(stopped),
+                headers={"Content-Type": FHIR, "If-Match": 'W/"1"'},
+            ) as r:
+                assert r.status == 202 and r.headers["X-Resilgate-Degraded"] == "journal"
+                tickets.append((await r.json())["ticket"])
+        # Meanwhile, at the HIS: someone puts the second order on hold, and enters the third
+        # one's stop by hand.
+        for resource, status in ((created[1], "on-hold"), (created[2], "stopped")):
+            async with http.put(
+                f"{his}/{resource['id']}",
+                json={**resource, "status": status},
+                headers={"If-Match": 'W/"1"'},
+            ) as r:
+                assert r.status == 200
+        async with http.post(  # not a FHIR resource: refused, nothing journaled
+            f"{stack.url}/fhir/MedicationRequest", data=b"[]", headers={"Content-Type": FHIR}
+        ) as r:
+            assert r.status == 400 and r.headers["X-Resilgate-Degraded"] == "journal"
+            assert (await r.json(content_type=None))["resourceType"] == "OperationOutcome"
+        assert all(ticket_of(stack.url, t)["state"] == "accepted" for t in tickets)
+
+        mode("clear", "his", "--reason", "upgrade done")
+        ended = wait_until(lambda: all_finished(stack.url, tickets), 15, "every ticket finished")
+        assert [s["state"] for s in ended] == ["applied", "conflict", "duplicate"]
+        assert ended[0]["detail"]["version"] == "2"
+        assert ended[1]["detail"]["status"] == 412
+        assert "If-Match names version 1" in ended[1]["detail"]["outcome"]
+        for resource, status in zip(created, ("stopped", "on-hold", "stopped"), strict=True):
+            async with http.get(f"{his}/{resource['id']}") as r:
+                current = await r.json(content_type=None)
+            assert (current["status"], current["meta"]["versionId"]) == (status, "2")
+    assert len(journal_cli(config, "list").splitlines()) == 3
+
+
+async def test_other_writes_are_replayed_with_an_idempotency_key(spawn: Spawner) -> None:
+    route = {
+        "name": "reg-register",
+        "upstream": "registration",
+        "criticality": "core",
+        "fallback": "journal",
+        "match": {"path": "/reg/v1/registrations", "methods": ["POST"]},
+        "timeouts": {"connect_s": 0.5, "total_s": 2},
+    }
+    options = journal_options()
+    stack = start_stack(spawn, "registration", [route], dr_read_only=True, fallbacks=options)
+    primary_down(stack, "registration/primary")
+    walk_in = {
+        "patientId": "test-0001",
+        "dept": "TEST",
+        "doctorId": "d-test",
+        "slotId": "walk-in",
+        "payType": "insured",
+        "channel": "kiosk",
+    }
+    tickets = []
+    async with aiohttp.ClientSession() as http:
+        # The kiosk sends its first registration twice (a retry), with its own key.
+        for key in ("kiosk-7-0001", "kiosk-7-0001", None):
+            headers = {"Idempotency-Key": key} if key else {}
+            async with http.post(
+                f"{stack.url}/reg/v1/registrations", json=walk_in, headers=headers
+            ) as r:
+                assert r.status == 202 and r.headers["X-Resilgate-Degraded"] == "journal"
+                tickets.append((await r.json())["ticket"])
+
+    back = spawn.start(
+        "registration-back",
+        ["simulate", "registration", "--port", str(stack.primary.port()), "--site", "primary"],
+    )
+    ended = wait_until(lambda: all_finished(stack.url, tickets), 15, "every ticket finished")
+    assert [s["state"] for s in ended] == ["applied", "duplicate", "applied"]
+    log = writes(back)
+    assert [w["key"] for w in log["writes"]] == ["kiosk-7-0001", tickets[2]]
+    assert [d["key"] for d in log["duplicates"]] == ["kiosk-7-0001"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "transient", "state"),
+    [
+        ("create", 201, False, "applied"),
+        ("create", 200, False, "duplicate"),
+        ("create", 200, True, "accepted"),  # a platform error: nothing applied, try later
+        ("create", 412, False, "conflict"),
+        ("update", 200, False, "applied"),
+        ("update", 409, False, "conflict"),
+        ("update", 404, False, "failed"),
+        ("keyed", 200, False, "applied"),
+        ("create", 422, False, "failed"),
+        ("create", 400, False, "failed"),
+        ("create", 429, False, "accepted"),
+        ("create", 401, False, "accepted"),
+        ("create", 503, False, "accepted"),
+        ("create", 302, False, "failed"),
+    ],
+)
+def test_how_an_answer_ends_a_replayed_entry(
+    kind: Any, status: int, transient: bool, state: str
+) -> None:
+    assert replay_state(kind, status, transient) == state
+
+
+def test_which_writes_can_be_replayed_exactly_once() -> None:
+    assert write_kind("POST", "/fhir/MedicationRequest") == ("create", "MedicationRequest")
+    assert write_kind("PUT", "/his/fhir/ServiceRequest/sr-1") == ("update", "ServiceRequest")
+    assert write_kind("POST", "/reg/v1/registrations") == ("keyed", "")
+    for method, path in (
+        ("POST", "/fhir"),  # a transaction Bundle
+        ("POST", "/fhir/MedicationRequest/mr-1"),
+        ("PUT", "/fhir/MedicationRequest"),  # a conditional update
+        ("POST", "/fhir/Patient/$match"),
+        ("GET", "/reg/v1/queues/NEI"),
+    ):
+        assert write_kind(method, path) is None, path
+    assert same_resource({"id": "a", "meta": {"versionId": "2"}}, {"id": "a"})
+    assert not same_resource({"id": "a", "status": "on-hold"}, {"id": "a", "status": "stopped"})
