@@ -498,7 +498,8 @@ class StaleCacheOptions(_Model):
     max_total_bytes: int = Field(
         256 * 1024 * 1024,
         ge=1,
-        description="Bound on the cache's total size (not enforced yet: needs store eviction).",
+        description="Bound on the total size of the kept copies; to keep within it, the "
+        "store drops the copies nearest to expiry first.",
     )
 
 

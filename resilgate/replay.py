@@ -172,14 +172,20 @@ class Replayer:
                 outcome = await fallback.replay(entry)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a broken fallback or no answer: try again later
-                outcome = Replayed("accepted", f"replay not done: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # a broken fallback: keep what the entry recorded, retry
+                log.warning(
+                    "replay_failed",
+                    queue=entry.queue,
+                    ticket=entry.ticket,
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                )
+                outcome = Replayed("accepted", entry.detail)
         owner = self.services.replica
         if outcome.state == "accepted":
             # Keep the entry (and its place at the head of the queue) while we wait to retry.
-            await store.journal_note(entry.ticket, owner, outcome.detail[:2000])
+            await store.journal_note(entry.ticket, owner, outcome.detail)
         else:
-            await store.journal_finish(entry.ticket, owner, outcome.state, outcome.detail[:2000])
+            await store.journal_finish(entry.ticket, owner, outcome.state, outcome.detail)
         self.services.metrics.replays.labels(entry.queue, outcome.state).inc()
         log.info(
             "replay_finished" if outcome.state != "accepted" else "replay_deferred",
