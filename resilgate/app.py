@@ -12,7 +12,7 @@ from aiohttp.typedefs import Handler
 
 from fallbacks import REGISTRY
 from resilgate.config import Config
-from resilgate.errors import ClientGone, GatewayError, NoTicket, StoreDown
+from resilgate.errors import ClientGone, GatewayError, NoTicket, StartupError, StoreDown
 from resilgate.fallback import TICKETS_PATH
 from resilgate.headers import REQUEST_ID as REQUEST_ID_HEADER
 from resilgate.headers import RequestIds
@@ -136,10 +136,6 @@ async def ticket_status(request: web.Request) -> web.Response:
         "detail": detail,
     }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
-
-
-class StartupError(Exception):
-    """The gateway cannot start; the message says what to fix."""
 
 
 async def shared_state(app: web.Application) -> AsyncIterator[None]:

@@ -14,6 +14,7 @@ import orjson
 from pydantic import AnyHttpUrl
 
 from resilgate.config import Config, Endpoint, Listener, Listeners
+from resilgate.sealing import new_key_text
 from resilgate.simulators import SIMULATOR_KINDS
 from resilgate.workers import die_with_parent, serve
 
@@ -120,6 +121,20 @@ def _banner(config: Config, simulators: list[_Simulator], port: int) -> str:
     return "\n".join(lines)
 
 
+def _demo_cache_key(config: Config) -> str | None:
+    """Give the gateway a random stale-cache key for this run if none is configured (the
+    workers inherit it); a note saying so, or None."""
+    options = config.fallbacks.stale_cache
+    uses_cache = any(route.fallback == "stale-cache" for route in config.routes)
+    if not uses_cache or options.keys_file is not None or os.environ.get(options.keys_env):
+        return None
+    os.environ[options.keys_env] = new_key_text("demo")
+    return (
+        f"demo: no stale-cache key configured ({options.keys_env}): using a random key held "
+        "in memory for this run only; cached copies do not outlive it"
+    )
+
+
 def run_demo(
     config: Config,
     port: int | None = None,
@@ -141,6 +156,9 @@ def run_demo(
                 simulators.append(_start(name, endpoint, ephemeral, workdir))
         _wait_ready(simulators)
         live = _with_ports(config, simulators, 0 if ephemeral else port)
+        note = _demo_cache_key(live)
+        if note is not None:
+            print(note, flush=True)
         gateway_ready = ready_file or workdir / "gateway.ready.json"
         gateway_ready.unlink(missing_ok=True)
         if ephemeral or port == 0:

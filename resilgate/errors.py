@@ -8,6 +8,10 @@ upstream never saw the request (safe to try elsewhere); ``UpstreamTimeout`` and
 from __future__ import annotations
 
 
+class StartupError(Exception):
+    """The gateway cannot start; the message says what to fix."""
+
+
 class GatewayError(Exception):
     """An error answered to the client as JSON with the request id."""
 

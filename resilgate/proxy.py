@@ -527,8 +527,8 @@ class _Exchange:
                         return outcome
                     if isinstance(outcome, _Answer):
                         self._keep(outcome)
-                    else:
-                        error = outcome.error
+                    elif error is None or not isinstance(outcome.error, NoEndpoint):
+                        error = outcome.error  # a breaker's refusal hides no real failure
                     if self._waiting and not self._running and self.may_try_next(outcome):
                         sent = not isinstance(outcome, _Failed) or outcome.sent
                         self._start("retry" if sent else "first")
@@ -592,6 +592,11 @@ async def _exchange(
     exchange = _Exchange(request, gateway, route, runtime, body, retry, forced)
     try:
         answer = await exchange.run(order)
+    except NoEndpoint as error:  # nothing was sent: every endpoint's breaker refused
+        request[TRIES] = exchange.tries
+        if route.fallback is not None:
+            return await _fall_back(request, gateway, route, body, error.message)
+        raise
     except UpstreamError as error:
         request[OUTCOME] = str(error.details.get("cause", ""))
         if route.fallback is not None and (

@@ -27,8 +27,9 @@ from types import FrameType
 import uvloop
 from aiohttp import web
 
-from resilgate.app import StartupError, build_app
+from resilgate.app import build_app
 from resilgate.config import Config
+from resilgate.errors import StartupError
 from resilgate.logs import configure_logging, get_logger
 from resilgate.readyfile import write_ready_file
 

@@ -93,7 +93,18 @@ class MemoryStore(StateStore):
         if holder is not None and holder[0] == owner:
             del self._named_leases[name]
 
-    async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None:
+    async def cache_put(
+        self, key: str, value: bytes, ttl_s: float, max_total_bytes: int | None = None
+    ) -> None:
+        self._cache.pop(key, None)
+        if max_total_bytes is not None:
+            if len(value) > max_total_bytes:
+                return
+            excess = sum(len(v) for v, _ in self._cache.values()) + len(value) - max_total_bytes
+            for nearest in sorted(self._cache, key=lambda k: (self._cache[k][1], k)):
+                if excess <= 0:
+                    break
+                excess -= len(self._cache.pop(nearest)[0])
         self._cache[key] = (value, self._clock() + ttl_s)
 
     async def cache_get(self, key: str) -> bytes | None:
@@ -101,6 +112,10 @@ class MemoryStore(StateStore):
         if found is None or found[1] <= self._clock():
             return None
         return found[0]
+
+    async def cache_bytes(self) -> int:
+        now = self._clock()
+        return sum(len(value) for value, expires_at in self._cache.values() if expires_at > now)
 
     async def journal_append(self, entry: JournalEntry) -> JournalEntry:
         if entry.ticket in self._journal:

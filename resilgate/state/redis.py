@@ -6,7 +6,12 @@ Layout under ``<namespace>:`` (one Redis, not Cluster: the Lua scripts touch key
 - ``counters``: a hash, HINCRBY hands out blocks;
 - ``lease:<name>``: a hash of the holder's ``owner`` and ``until`` (the caller's clock), with
   PEXPIRE so a lease nobody renews goes by itself; Lua scripts take and release it;
-- ``cache:<key>``: the value behind its expiry time, with PX; ``cache-expiry`` indexes them;
+- ``cache:<key>``: the value behind its expiry time (the caller's clock), with PX so Redis
+  frees it by itself; ``cache-expiry`` indexes the entries by that time, ``cache-size`` holds
+  their lengths and ``cache-bytes`` the sum. Only Lua scripts change those three (a put
+  replaces and evicts, trim drops the expired), always together; PX deletes just the value,
+  so the sum cannot drift: an expired entry counts towards the bound (and is evicted first)
+  until trim drops it, and ``cache_bytes`` leaves it out;
 - ``journal:*``: the immutable entry by ticket, its queue, state and detail, its ``seq`` in
   the ``order`` sorted set, unfinished tickets in ``open`` and, per queue, in
   ``open:<queue>`` (both scored by seq), leases, and finish times in ``finished``. Lua
@@ -214,7 +219,8 @@ return 1
 """
 )
 
-# KEYS: the journal's, then audit, cache expiry index. ARGV: journal cutoff, audit cutoff, now.
+# KEYS: the journal's, then audit, cache expiry index, sizes, total. ARGV: journal cutoff,
+# audit cutoff, now.
 TRIM_LUA = (
     QUEUE_LUA
     + """
@@ -231,11 +237,52 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', '(' .. ARGV[1])
 removed = removed + redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', '(' .. ARGV[2])
 local expired = redis.call('ZRANGEBYSCORE', KEYS[12], '-inf', ARGV[3])
-for _, k in ipairs(expired) do redis.call('DEL', k) end
+for _, k in ipairs(expired) do
+  redis.call('DEL', k)
+  redis.call('DECRBY', KEYS[14], redis.call('HGET', KEYS[13], k) or '0')
+  redis.call('HDEL', KEYS[13], k)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', ARGV[3])
 return removed + #expired
 """
 )
+
+# KEYS: the value, cache expiry index, sizes, total. ARGV: expiry and value, expires at, time to
+# live in ms, the value's length, the bound ('' for none). Returns 1 if stored.
+CACHE_PUT_LUA = """
+local name, size, bound = KEYS[1], tonumber(ARGV[4]), tonumber(ARGV[5])
+local total = tonumber(redis.call('GET', KEYS[4]) or '0')
+  - tonumber(redis.call('HGET', KEYS[3], name) or '0')
+redis.call('DEL', name)
+redis.call('ZREM', KEYS[2], name)
+redis.call('HDEL', KEYS[3], name)
+if bound and size > bound then
+  redis.call('SET', KEYS[4], total)
+  return 0
+end
+while bound and total + size > bound do
+  local nearest = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if not nearest then total = 0 break end  -- nothing is left to count
+  total = total - tonumber(redis.call('HGET', KEYS[3], nearest) or '0')
+  redis.call('DEL', nearest)
+  redis.call('ZREM', KEYS[2], nearest)
+  redis.call('HDEL', KEYS[3], nearest)
+end
+redis.call('SET', name, ARGV[1], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], name)
+redis.call('HSET', KEYS[3], name, ARGV[4])
+redis.call('SET', KEYS[4], total + size)
+return 1
+"""
+
+# KEYS: cache expiry index, sizes, total. ARGV: now.
+CACHE_BYTES_LUA = """
+local total = tonumber(redis.call('GET', KEYS[3]) or '0')
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])) do
+  total = total - tonumber(redis.call('HGET', KEYS[2], name) or '0')
+end
+return total
+"""
 
 # KEYS: the lease. ARGV: owner, now, until, time to live in ms. Whether it ran out is judged by
 # the stored ``until`` and the caller's ``now``, not by Redis's clock.
@@ -299,7 +346,7 @@ class RedisStore(StateStore):
         self._modes = f"{ns}:modes"
         self._verdicts = f"{ns}:verdicts"
         self._counters = f"{ns}:counters"
-        self._cache_expiry = f"{ns}:cache-expiry"
+        self._cache_sizes = [f"{ns}:cache-expiry", f"{ns}:cache-size", f"{ns}:cache-bytes"]
         self._audit = f"{ns}:audit"
         self._audit_seq = f"{ns}:audit:seq"
         self._journal_keys = [f"{ns}:journal:{name}" for name in JOURNAL_KEYS]
@@ -338,6 +385,8 @@ class RedisStore(StateStore):
         self._audit_append = client.register_script(AUDIT_APPEND_LUA)
         self._lease = client.register_script(LEASE_LUA)
         self._release = client.register_script(RELEASE_LUA)
+        self._cache_put = client.register_script(CACHE_PUT_LUA)
+        self._cache_bytes = client.register_script(CACHE_BYTES_LUA)
         try:
             self._pubsub = await self._subscribe()
         except StoreUnavailable:
@@ -464,17 +513,19 @@ class RedisStore(StateStore):
         keys = [f"{self.namespace}:lease:{name}"]
         await self._call(lambda: self._release(keys=keys, args=[owner]))
 
-    async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None:
-        name = f"{self.namespace}:cache:{key}"
+    async def cache_put(
+        self, key: str, value: bytes, ttl_s: float, max_total_bytes: int | None = None
+    ) -> None:
+        keys = [f"{self.namespace}:cache:{key}", *self._cache_sizes]
         expires_at = self._clock() + ttl_s
-
-        async def put() -> None:
-            async with self._redis().pipeline(transaction=True) as pipe:
-                pipe.set(name, EXPIRY.pack(expires_at) + value, px=max(1, math.ceil(ttl_s * 1000)))
-                pipe.zadd(self._cache_expiry, {name: expires_at})
-                await pipe.execute()
-
-        await self._call(put)
+        args: list[str | int | bytes] = [
+            EXPIRY.pack(expires_at) + value,
+            repr(expires_at),
+            max(1, math.ceil(ttl_s * 1000)),
+            len(value),
+            "" if max_total_bytes is None else max_total_bytes,
+        ]
+        await self._call(lambda: self._cache_put(keys=keys, args=args))
 
     async def cache_get(self, key: str) -> bytes | None:
         name = f"{self.namespace}:cache:{key}"
@@ -482,6 +533,11 @@ class RedisStore(StateStore):
         if raw is None or EXPIRY.unpack_from(raw)[0] <= self._clock():
             return None
         return raw[EXPIRY.size :]
+
+    async def cache_bytes(self) -> int:
+        args = [repr(self._clock())]
+        total: int = await self._call(lambda: self._cache_bytes(keys=self._cache_sizes, args=args))
+        return total
 
     # Journal.
 
@@ -575,7 +631,7 @@ class RedisStore(StateStore):
     async def trim(
         self, now: float, audit_keep_s: float, journal_keep_s: float, verdict_keep_s: float
     ) -> int:
-        keys = [*self._journal_keys, self._audit, self._cache_expiry]
+        keys = [*self._journal_keys, self._audit, *self._cache_sizes]
         args = [repr(now - journal_keep_s), repr(now - audit_keep_s), repr(now)]
         removed: int = await self._call(lambda: self._trim(keys=keys, args=args))
         stale = [

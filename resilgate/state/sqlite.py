@@ -1,9 +1,10 @@
 """The embedded default: one SQLite file in WAL mode, shared by every worker process of a node.
 
-Each process opens its own connection, in autocommit mode. Every write is one SQL statement and
-so one transaction of its own: atomic across processes, and with no transaction left open on
-the connection, no other coroutine's statement can slip into one. (Only ``open`` runs
-transactions of several statements, before anything else uses the connection.)
+Each process opens its own connection, in autocommit mode. Nearly every write is one SQL
+statement and so one transaction of its own: atomic across processes. The exception is
+``cache_put`` with a size bound, which runs several statements in one transaction; it holds the
+connection's lock meanwhile, which every statement takes, so no other coroutine's statement can
+slip into it. (``open`` also runs such transactions, before anything else uses the connection.)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import astuple, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,17 @@ _CHANGE_TRIGGERS = "".join(
     for event in ("INSERT", "UPDATE", "DELETE")
 )
 
+# Triggers keep the cache's total size, however a row comes or goes (put, eviction, trim). Never
+# INSERT OR REPLACE into cache: REPLACE deletes the old row without firing the delete trigger.
+_CACHE_SIZE_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS cache_size_insert AFTER INSERT ON cache
+    BEGIN UPDATE cache_size SET bytes = bytes + length(NEW.value); END;
+CREATE TRIGGER IF NOT EXISTS cache_size_delete AFTER DELETE ON cache
+    BEGIN UPDATE cache_size SET bytes = bytes - length(OLD.value); END;
+CREATE TRIGGER IF NOT EXISTS cache_size_update AFTER UPDATE OF value ON cache
+    BEGIN UPDATE cache_size SET bytes = bytes - length(OLD.value) + length(NEW.value); END;
+"""
+
 # modes, verdicts and audit list their columns in the record's field order: a row is
 # Record(*row), and astuple(record) fills a row.
 _SCHEMA = f"""
@@ -62,6 +74,10 @@ CREATE TABLE IF NOT EXISTS leases (
 CREATE TABLE IF NOT EXISTS cache (
     key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS cache_expiry ON cache (expires_at);
+CREATE TABLE IF NOT EXISTS cache_size (bytes INTEGER NOT NULL);
+INSERT INTO cache_size SELECT (SELECT coalesce(sum(length(value)), 0) FROM cache)
+    WHERE NOT EXISTS (SELECT 1 FROM cache_size);
+{_CACHE_SIZE_TRIGGERS}
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, ticket TEXT NOT NULL UNIQUE, route TEXT NOT NULL,
     payload BLOB NOT NULL, state TEXT NOT NULL, detail TEXT NOT NULL,
@@ -109,6 +125,7 @@ class SqliteStore(StateStore):
         self._busy_timeout_s = busy_timeout_s
         self._clock = clock
         self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()  # held by each statement, and across a transaction
         self._settings = ""
         # PRAGMA data_version moves only on other connections' commits; our own mode and
         # verdict writes are announced through this event instead.
@@ -241,16 +258,46 @@ class SqliteStore(StateStore):
     async def release(self, name: str, owner: str) -> None:
         await self._query("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
 
-    async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self._query(
-            "INSERT OR REPLACE INTO cache VALUES (?, ?, ?)", (key, value, self._clock() + ttl_s)
-        )
+    async def cache_put(
+        self, key: str, value: bytes, ttl_s: float, max_total_bytes: int | None = None
+    ) -> None:
+        row = (key, value, self._clock() + ttl_s)
+        if max_total_bytes is None:
+            await self._query(
+                "INSERT INTO cache VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
+                " SET value = excluded.value, expires_at = excluded.expires_at",
+                row,
+            )
+            return
+        async with self._transaction():
+            await self._run("DELETE FROM cache WHERE key = ?", (key,))
+            if len(value) > max_total_bytes:
+                return
+            ((total,),) = await self._run("SELECT bytes FROM cache_size")
+            excess = total + len(value) - max_total_bytes
+            while excess > 0:
+                evicted = await self._run(
+                    "DELETE FROM cache WHERE key = (SELECT key FROM cache"
+                    " ORDER BY expires_at, key LIMIT 1) RETURNING length(value)"
+                )
+                if not evicted:
+                    break
+                excess -= evicted[0][0]
+            await self._run("INSERT INTO cache VALUES (?, ?, ?)", row)
 
     async def cache_get(self, key: str) -> bytes | None:
         rows = await self._query(
             "SELECT value FROM cache WHERE key = ? AND expires_at > ?", (key, self._clock())
         )
         return rows[0][0] if rows else None
+
+    async def cache_bytes(self) -> int:
+        ((total,),) = await self._query(
+            "SELECT bytes - (SELECT coalesce(sum(length(value)), 0) FROM cache"
+            " WHERE expires_at <= ?) FROM cache_size",
+            (self._clock(),),
+        )
+        return int(total)
 
     async def journal_append(self, entry: JournalEntry) -> JournalEntry:
         try:
@@ -378,6 +425,27 @@ class SqliteStore(StateStore):
         self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
     ) -> list[sqlite3.Row]:
         """Run one statement, which in autocommit mode is one transaction; return its rows."""
+        async with self._lock:
+            return await self._run(sql, params)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """One write transaction around the block's ``_run`` statements: committed if the
+        block returns, rolled back if it raises (or is cancelled)."""
+        async with self._lock:
+            await self._run("BEGIN IMMEDIATE")
+            try:
+                yield
+                await self._run("COMMIT")
+            except BaseException:
+                with contextlib.suppress(StoreUnavailable):
+                    await self._run("ROLLBACK")
+                raise
+
+    async def _run(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
+    ) -> list[sqlite3.Row]:
+        """Run one statement without the lock: from ``_query``, or inside ``_transaction``."""
         if self._db is None:
             raise StoreUnavailable(f"sqlite {self._path}: store is not open")
         try:

@@ -91,13 +91,28 @@ class StateStore(ABC):
     async def release(self, name: str, owner: str) -> None:
         """Give the lease up if ``owner`` holds it (nothing otherwise)."""
 
-    # Record cache: opaque bytes under a key, each with a time to live.
+    # Record cache: opaque bytes under a key, each with a time to live. Its size is the sum of
+    # the values' lengths (keys and the backends' own overhead are not counted).
 
     @abstractmethod
-    async def cache_put(self, key: str, value: bytes, ttl_s: float) -> None: ...
+    async def cache_put(
+        self, key: str, value: bytes, ttl_s: float, max_total_bytes: int | None = None
+    ) -> None:
+        """Store ``value`` under ``key`` until ``ttl_s`` from now, replacing what was there.
+
+        With ``max_total_bytes``, atomically across processes: other entries are evicted, the
+        nearest to expiry first, until all fit (entries expired but not yet trimmed still
+        count, and go first); the new entry itself is never evicted. A value longer than the
+        bound is not stored, nothing is evicted for it, and ``key`` is left empty.
+        """
 
     @abstractmethod
-    async def cache_get(self, key: str) -> bytes | None: ...
+    async def cache_get(self, key: str) -> bytes | None:
+        """The value under ``key``, or None if there is none or it has expired."""
+
+    @abstractmethod
+    async def cache_bytes(self) -> int:
+        """The total length of the values of all unexpired entries."""
 
     # Write journal: appended durably, read in acceptance order, finished exactly once. Split
     # into queues (one per upstream), each replayed by one owner at a time, strictly in order.

@@ -157,6 +157,8 @@ async def test_operations_fail_fast_while_redis_is_stopped_or_down(
         "put_verdict": lambda: store.put_verdict(Verdict("his/a", "gw-a", "open", now)),
         "take_block": lambda: store.take_block("NEI", 1),
         "cache_get": lambda: store.cache_get("k"),
+        "cache_put": lambda: store.cache_put("k", b"v", 60, max_total_bytes=100),
+        "cache_bytes": store.cache_bytes,
         "journal_list": store.journal_list,
         "journal_claim": lambda: store.journal_claim("his", "gw-a", 10, 30),
         "journal_note": lambda: store.journal_note("J-stopped", "gw-a", "msgid M-1"),
@@ -310,6 +312,36 @@ async def test_leases_expire_and_finished_entries_are_trimmed(
     now[0] += 60
     assert await store.cache_get("allergies") is None
     assert await store.trim(now[0], audit_keep_s=3600, journal_keep_s=20, verdict_keep_s=3600) == 1
+
+
+async def test_cache_entries_redis_expired_itself_stop_counting_once_trimmed(
+    redis_server: RedisServer, open_store: OpenStore
+) -> None:
+    now = [1_000_000.0]
+    store = await open_store(redis_server.url, clock=lambda: now[0])
+    names = [f"{store.namespace}:cache:record-{n}" for n in range(5)]
+    raw = Redis.from_url(redis_server.url)
+
+    async def gone() -> bool:
+        return await raw.exists(*names) == 0
+
+    try:
+        await store.cache_put("kept", b"k" * 10, ttl_s=3600)
+        for _ in range(3):
+            for n in range(5):
+                await store.cache_put(f"record-{n}", b"r" * 100, ttl_s=0.02)
+            await eventually(gone, 5, "Redis to expire the values (PX)")
+            now[0] += 1  # and the caller's clock agrees
+            assert await store.cache_bytes() == 10
+            assert await store.trim(now[0], 3600, 3600, 3600) == 5
+            assert await raw.get(f"{store.namespace}:cache-bytes") == b"10"
+            assert await raw.hkeys(f"{store.namespace}:cache-size") == [
+                f"{store.namespace}:cache:kept".encode()
+            ]
+        await store.cache_put("new", b"n" * 100, ttl_s=3600, max_total_bytes=110)
+        assert await store.cache_get("kept") == b"k" * 10
+    finally:
+        await raw.aclose()
 
 
 async def test_spool_of_a_worker_that_does_not_come_back_is_drained(

@@ -170,6 +170,90 @@ async def test_cache_entries_expire(store: StateStore, clock: FakeClock) -> None
             await asyncio.sleep(0.01)
 
 
+async def cached(store: StateStore, *keys: str) -> list[str]:
+    """Those of ``keys`` that cache_get finds."""
+    return [key for key in keys if await store.cache_get(key) is not None]
+
+
+async def test_the_cache_stays_within_its_bound(store: StateStore, clock: FakeClock) -> None:
+    keys = [f"record-{n:02d}" for n in range(50)]
+    for key in keys:
+        clock.offset += 1  # a fixed ttl: the older an entry, the nearer its expiry
+        await store.cache_put(key, b"r" * 100, ttl_s=3600, max_total_bytes=1000)
+        assert await store.cache_bytes() <= 1000
+    assert await store.cache_bytes() == 1000
+    assert await cached(store, *keys) == keys[-10:]
+
+
+async def test_the_entries_nearest_expiry_are_evicted_first(store: StateStore) -> None:
+    for key, ttl_s in [("a", 3000), ("b", 1000), ("c", 2000)]:
+        await store.cache_put(key, b"v" * 40, ttl_s, max_total_bytes=130)
+    await store.cache_put("d", b"v" * 40, ttl_s=4000, max_total_bytes=130)
+    assert await cached(store, "a", "b", "c", "d") == ["a", "c", "d"]
+    await store.cache_put("e", b"v" * 60, ttl_s=4000, max_total_bytes=130)
+    assert await cached(store, "a", "c", "d", "e") == ["d", "e"]  # c, then a: 140 was over
+    # The entry just put stays, even when it expires first: the others make room.
+    await store.cache_put("f", b"v" * 50, ttl_s=10, max_total_bytes=130)
+    assert await cached(store, "d", "e", "f") == ["e", "f"]
+    assert await store.cache_bytes() == 110
+
+
+async def test_replacing_a_cache_entry_counts_its_new_size_only(store: StateStore) -> None:
+    await store.cache_put("k", b"x" * 60, ttl_s=600, max_total_bytes=100)
+    await store.cache_put("k", b"y" * 80, ttl_s=600, max_total_bytes=100)
+    assert await store.cache_bytes() == 80
+    await store.cache_put("other", b"z" * 20, ttl_s=900, max_total_bytes=100)
+    assert await cached(store, "k", "other") == ["k", "other"]  # 100 fits: nothing evicted
+    await store.cache_put("k", b"w" * 10, ttl_s=600)  # without a bound too
+    assert (await store.cache_get("k"), await store.cache_bytes()) == (b"w" * 10, 30)
+
+
+async def test_an_entry_bigger_than_the_bound_is_refused_and_evicts_nothing(
+    store: StateStore,
+) -> None:
+    await store.cache_put("a", b"a" * 30, ttl_s=600, max_total_bytes=100)
+    await store.cache_put("b", b"b" * 30, ttl_s=900, max_total_bytes=100)
+    await store.cache_put("big", b"x" * 101, ttl_s=1200, max_total_bytes=100)
+    assert await cached(store, "a", "b", "big") == ["a", "b"]
+    assert await store.cache_bytes() == 60
+    # A key whose new value is refused is left empty: its older value is not served instead.
+    await store.cache_put("a", b"x" * 101, ttl_s=600, max_total_bytes=100)
+    assert await cached(store, "a", "b") == ["b"]
+    assert await store.cache_bytes() == 30
+    await store.cache_put("c", b"c" * 70, ttl_s=300, max_total_bytes=100)  # exactly the bound
+    assert await cached(store, "b", "c") == ["b", "c"]
+
+
+async def test_expired_cache_entries_stop_counting(store: StateStore, clock: FakeClock) -> None:
+    await store.cache_put("short", b"s" * 50, ttl_s=600)
+    await store.cache_put("long", b"l" * 30, ttl_s=6000)
+    assert await store.cache_bytes() == 80
+    clock.offset = 601
+    assert await store.cache_get("short") is None
+    assert await store.cache_bytes() == 30  # expired, though not yet trimmed
+    assert await store.trim(clock(), audit_keep_s=1e6, journal_keep_s=1e6, verdict_keep_s=1e6)
+    assert await store.cache_bytes() == 30
+    # Nothing of the trimmed entry is left to count: 60 fits without evicting "long".
+    await store.cache_put("new", b"n" * 30, ttl_s=600, max_total_bytes=60)
+    assert await cached(store, "short", "long", "new") == ["long", "new"]
+    assert await store.cache_bytes() == 60
+
+
+async def test_the_cache_bound_holds_under_concurrent_puts(store: StateStore) -> None:
+    keys = [f"record-{n:02d}" for n in range(60)]
+    await asyncio.gather(
+        *(
+            store.cache_put(key, b"v" * (20 + n % 5 * 10), ttl_s=600 + n, max_total_bytes=500)
+            for n, key in enumerate(keys)
+        ),
+        *(store.cache_get(key) for key in keys),
+    )
+    present = [await store.cache_get(key) for key in keys]
+    total = sum(len(value) for value in present if value is not None)
+    assert total == await store.cache_bytes()
+    assert 500 - 60 < total <= 500
+
+
 async def test_journal_keeps_acceptance_order_and_refuses_duplicates(store: StateStore) -> None:
     stored = [await store.journal_append(entry(f"J-{n:03d}")) for n in range(5)]
     assert [e.seq for e in stored] == sorted(e.seq for e in stored)

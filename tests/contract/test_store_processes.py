@@ -1,6 +1,7 @@
 """Stores shared by real processes: SQLite file sharing, durability, WAL and schema migration;
 counters (SQLite and Redis) that never repeat a number across processes and restarts; leases
-and journal queues (SQLite and Redis) that only one process holds or works at a time.
+and journal queues (SQLite and Redis) that only one process holds or works at a time; a record
+cache (SQLite and Redis) whose size bound holds while processes fill it at once.
 
 The behaviour every backend shares is in ``test_store_contract.py``. Here the other workers are
 real processes running this module (see the bottom): each opens the store, prints ``ready``,
@@ -34,6 +35,7 @@ _LEASE = "half-open:his/primary"
 _LEASE_NOW = 1_767_225_600.0
 _CHILD = [sys.executable, "-m", "tests.contract.test_store_processes"]
 _QUEUES = ("his", "insurance")
+_CACHE_BOUND = 20_000
 _numbering = itertools.count()
 
 
@@ -281,6 +283,57 @@ def test_two_processes_work_each_journal_queue_one_at_a_time_in_order(
     )
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_the_cache_bound_holds_while_processes_fill_the_cache_at_once(
+    tmp_path: Path, children: list[Child], backend: str, request: pytest.FixtureRequest
+) -> None:
+    target = request.getfixturevalue("redis_server").url if backend == "redis" else None
+    writers = [start(children, tmp_path, "cache", 300, target) for _ in range(3)]
+    for child in writers:
+        child.go()
+    keys = [key for child in writers for key in child.finish()]
+
+    async def check() -> tuple[int, int]:
+        store = _store_for(target or str(tmp_path / "state.db"))
+        await store.open()
+        try:
+            values = [await store.cache_get(key) for key in keys]
+            return sum(len(v) for v in values if v is not None), await store.cache_bytes()
+        finally:
+            await store.close()
+
+    present, counted = asyncio.run(check())
+    assert len(keys) == 900
+    assert present == counted
+    assert _CACHE_BOUND - 1000 < counted <= _CACHE_BOUND
+
+
+async def test_an_old_cache_table_is_counted_on_open(tmp_path: Path) -> None:
+    old = sqlite3.connect(tmp_path / "state.db")
+    old.executescript(
+        """
+        CREATE TABLE cache (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL);
+        INSERT INTO cache VALUES ('a', x'0102030405', 4000000000), ('b', x'0102', 4000000000);
+        """
+    )
+    old.close()
+    for _ in range(2):  # counted once; the second open keeps the count
+        store = SqliteStore(tmp_path / "state.db")
+        await store.open()
+        try:
+            assert await store.cache_bytes() == 7
+        finally:
+            await store.close()
+    store = SqliteStore(tmp_path / "state.db")
+    await store.open()
+    try:
+        await store.cache_put("c", b"123", ttl_s=60, max_total_bytes=8)  # evicts a, the nearest
+        assert [await store.cache_get(key) for key in "abc"] == [None, b"\x01\x02", b"123"]
+        assert await store.cache_bytes() == 5
+    finally:
+        await store.close()
+
+
 async def test_an_old_journal_table_gets_its_queue_column_on_open(tmp_path: Path) -> None:
     old = sqlite3.connect(tmp_path / "state.db")
     old.executescript(
@@ -446,6 +499,22 @@ async def _replay(store: StateStore, count: int) -> None:
                 _say(f"{queue} {entry.seq} {entry.ticket} {claimed_at!r} {finishing_at!r}")
 
 
+async def _cache(store: StateStore, count: int) -> None:
+    # Puts of several sizes and lifetimes, 10 in flight at a time, each bounded.
+    for start in range(0, count, 10):
+        keys = [f"{os.getpid()}-{n}" for n in range(start, min(start + 10, count))]
+        await asyncio.gather(
+            *(
+                store.cache_put(
+                    key, b"v" * (100 + n % 9 * 100), 600 + n % 7, max_total_bytes=_CACHE_BOUND
+                )
+                for n, key in enumerate(keys, start)
+            )
+        )
+        for key in keys:
+            _say(key)
+
+
 async def _put_mode(store: StateStore, count: int) -> None:
     put_at = time.time()
     await store.put_mode(_MODE)
@@ -479,6 +548,7 @@ async def _child(role: str, db: str, count: int) -> None:
         "watch": _watch,
         "lease": _lease,
         "replay": _replay,
+        "cache": _cache,
     }
     await roles[role](store, count)
     await store.close()
