@@ -12,7 +12,9 @@ per department per day. Check-in puts a registration on the queue board as ``WAI
 stored answer (header ``Idempotent-Replayed: true``) without applying anything; the same key
 with a different request is 422. ``PUT /registrations/external/{localTicket}`` upserts a
 gateway-issued number (optional ``queueNo`` and ``date`` in the body keep the local number and
-day): 201 the first time, 200 afterwards, never a second registration. Department ``TEST``
+day; an optional ``queueStatus`` puts it on the queue board as it stood locally, e.g. ``WAITING``
+or ``CALLED``, unless it is on the board already): 201 the first time, 200 afterwards, never a
+second registration. Department ``TEST``
 (doctor ``d-test``) and patient ``test-0001`` exist for probes.
 """
 
@@ -36,6 +38,7 @@ from resilgate.simulators.seed_data import SURNAMES, Person, mask_name, seed_peo
 REQUIRED_FIELDS = ("patientId", "dept", "doctorId", "slotId", "payType", "channel")
 PAY_TYPES = ("insured", "self-pay")
 MUTABLE_FIELDS = ("doctorId", "slotId", "payType", "channel")
+QUEUE_STATUSES = ("WAITING", "CALLED", "ARRIVED", "ABSENT", "COMPLETED")
 
 
 @dataclass(frozen=True)
@@ -346,11 +349,14 @@ class RegistrationDesk:
         if registration.queue_status is not None:
             self._writes.duplicate("registration.check-in", reg_no)
         else:
-            self._counters.checkins += 1
-            registration.queue_status = "WAITING"
-            registration.checkin_seq = self._counters.checkins
+            self._enqueue(registration, "WAITING")
             self._writes.applied("registration.check-in", reg_no, queueNo=registration.queue_no)
         return registration.to_json()
+
+    def _enqueue(self, registration: Registration, status: str) -> None:
+        self._counters.checkins += 1
+        registration.queue_status = status
+        registration.checkin_seq = self._counters.checkins
 
     def _queue(self, dept: str, day: date) -> list[Registration]:
         self.department(dept)
@@ -426,9 +432,14 @@ class RegistrationDesk:
         if day_text is not None and not isinstance(day_text, str):
             raise RegError(400, "invalid_fields", "date must be YYYY-MM-DD")
         day = _parse_day(day_text, now_cn().date()) if day_text else None
+        queue_status = body.get("queueStatus")
+        if queue_status is not None and queue_status not in QUEUE_STATUSES:
+            raise RegError(400, "invalid_fields", f"queueStatus must be one of {QUEUE_STATUSES}")
         reg_no = self._external.get(ticket)
         if reg_no is None:
             registration = self._new_registration(person, fields, day, queue_no, ticket)
+            if queue_status is not None:
+                self._enqueue(registration, queue_status)
             self._external[ticket] = registration.reg_no
             self._writes.applied("registration.external", ticket, regNo=registration.reg_no)
             return 201, registration.to_json()
@@ -443,8 +454,17 @@ class RegistrationDesk:
         if changed:
             raise RegError(409, "immutable_fields", f"cannot change {', '.join(changed)}")
         updates = {n: fields[n] for n in MUTABLE_FIELDS if registration.fields[n] != fields[n]}
+        # The board's own status is newer than a back-entered one: only an entry not on the
+        # board yet is put there.
+        if (
+            queue_status is not None
+            and registration.queue_status is None
+            and not registration.cancelled
+        ):
+            self._enqueue(registration, queue_status)
+            updates["queueStatus"] = queue_status
         if updates:
-            registration.fields.update(updates)
+            registration.fields.update({n: v for n, v in updates.items() if n in MUTABLE_FIELDS})
             self._writes.applied(
                 "registration.external", ticket, regNo=reg_no, updated=sorted(updates)
             )
