@@ -206,24 +206,9 @@ class Journal(Fallback):
             body = orjson.dumps(resource)
         journaled = Journaled(kind, request.method, request.raw_path, headers, body or b"")
         try:
-            entry = await self.services.journal(request.route, ticket, journaled.to_payload())
-        except StoreUnavailable as exc:
-            # Never acknowledge what was not stored: the notice answers 503.
-            log.warning(
-                "journal_unavailable",
-                route=request.route.name,
-                request_id=request.request_id,
-                error=str(exc)[:200],
-            )
-            return None
-        log.info(
-            "journal_accepted",
-            route=entry.route,
-            queue=entry.queue,
-            ticket=ticket,
-            seq=entry.seq,
-            request_id=request.request_id,
-        )
+            await self.services.journal(request, ticket, journaled.to_payload())
+        except StoreUnavailable:
+            return None  # never acknowledge what was not stored: the notice answers 503
         status_url = TICKETS_PATH + ticket
         answer = {
             "ticket": ticket,

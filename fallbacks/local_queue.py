@@ -247,7 +247,7 @@ class LocalQueue(Fallback):
         # Logged in issue order; a number whose journaling fails is never handed out.
         log.info("local_queue_issued", route=request.route.name, ticket=ticket, queue_no=queue_no)
         try:
-            entry = await self.services.journal(request.route, ticket, reg.payload())
+            entry = await self.services.journal(request, ticket, reg.payload())
         except DuplicateTicket:  # the same key, concurrently: that one's number stands
             log.info("local_queue_dropped", ticket=ticket, queue_no=queue_no, why="duplicate")
             try:

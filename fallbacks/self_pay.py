@@ -116,24 +116,9 @@ class SelfPay(Fallback):
             return self._refuse(request, envelope, str(exc))
         claim_id = self.services.new_ticket("C")
         try:
-            entry = await self.services.journal(request.route, claim_id, claim.to_payload())
-        except StoreUnavailable as exc:
-            # A self-pay answer promises a later refund: never give it for a claim not stored.
-            log.warning(
-                "self_pay_claim_unstored",
-                route=request.route.name,
-                request_id=request.request_id,
-                error=str(exc)[:200],
-            )
-            return None
-        log.info(
-            "self_pay_claim_accepted",
-            route=entry.route,
-            queue=entry.queue,
-            ticket=claim_id,
-            seq=entry.seq,
-            request_id=request.request_id,
-        )
+            await self.services.journal(request, claim_id, claim.to_payload())
+        except StoreUnavailable:
+            return None  # a self-pay answer promises a later refund: only for a stored claim
         body = self_pay_answer(envelope, claim, claim_id, self.options, self.services.clock())
         return degraded(self.name, 200, body, request.request_id)
 

@@ -137,11 +137,32 @@ class FallbackServices:
         stamp = datetime.fromtimestamp(self.clock()).strftime("%Y%m%d-%H%M%S")
         return f"{prefix}-{stamp}-{secrets.token_hex(6)}"
 
-    async def journal(self, route: Route, ticket: str, payload: bytes) -> JournalEntry:
-        """Append an entry to the journal queue of the route's upstream, durably (spooled
-        locally while Redis is unreachable); raises StoreUnavailable if even that failed."""
+    async def journal(self, request: FallbackRequest, ticket: str, payload: bytes) -> JournalEntry:
+        """Append an entry for ``request`` to the journal queue of its route's upstream,
+        durably (spooled locally while Redis is unreachable), and log it (``journal_accepted``);
+        raises StoreUnavailable (logged ``journal_unstored``) if even that failed."""
+        route = request.route
         entry = JournalEntry(ticket, route.name, payload, self.clock(), queue=route.upstream)
-        return await self.store.journal_append(entry)
+        try:
+            stored = await self.store.journal_append(entry)
+        except StoreUnavailable as exc:
+            log.warning(
+                "journal_unstored",
+                route=route.name,
+                ticket=ticket,
+                request_id=request.request_id,
+                error=_short(exc),
+            )
+            raise
+        log.info(
+            "journal_accepted",
+            route=route.name,
+            queue=stored.queue,
+            ticket=ticket,
+            seq=stored.seq,  # 0: spooled locally until the store is back
+            request_id=request.request_id,
+        )
+        return stored
 
     async def cancel_tasks(self) -> None:
         tasks = list(self._tasks)

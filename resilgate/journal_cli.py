@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -18,9 +17,9 @@ import orjson
 
 from resilgate.config import Config
 from resilgate.failure_body import short_text
-from resilgate.state.factory import make_store
+from resilgate.mode_cli import Action, with_store
 from resilgate.state.records import JournalEntry
-from resilgate.state.store import StateStore, StoreUnavailable
+from resilgate.state.store import StateStore
 
 STATES: dict[str, frozenset[str] | None] = {
     "dead": frozenset({"conflict", "failed"}),
@@ -28,20 +27,6 @@ STATES: dict[str, frozenset[str] | None] = {
     "all": None,
 }
 SHORT_DETAIL_CHARS = 100
-
-Action = Callable[[StateStore], Awaitable[int]]
-
-
-async def _with_store(config: Config, action: Action) -> int:
-    store = make_store(config)
-    try:
-        await store.open()
-        return await action(store)
-    except StoreUnavailable as exc:
-        print(f"error: state store: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        await store.close()
 
 
 def _when(at: float) -> str:
@@ -104,7 +89,7 @@ def show_entry(ticket: str) -> Action:
 
 def run_journal(config: Config, action: Action) -> int:
     try:
-        return asyncio.run(_with_store(config, action))
+        return asyncio.run(with_store(config, action))
     except BrokenPipeError:  # ``| head``: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

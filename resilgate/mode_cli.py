@@ -32,7 +32,8 @@ def default_actor() -> str:
 Action = Callable[[StateStore], Awaitable[int]]
 
 
-async def _with_store(config: Config, action: Action) -> int:
+async def with_store(config: Config, action: Action) -> int:
+    """Run ``action`` on the configured state store; 1 if the store cannot be reached."""
     store = make_store(config)
     try:
         await store.open()
@@ -98,4 +99,4 @@ def list_modes() -> Action:
 
 
 def run_mode(config: Config, action: Action) -> int:
-    return asyncio.run(_with_store(config, action))
+    return asyncio.run(with_store(config, action))

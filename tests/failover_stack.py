@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from tests.conftest import ServerProcess, Spawner, wait_until
+from tests.conftest import REPO, ServerProcess, Spawner, wait_until
 from tests.gateway import start_gateway
 
 FAST_HEALTH: dict[str, Any] = {
@@ -43,6 +45,17 @@ def sim_call(server: ServerProcess, method: str, path: str, body: Any = None) ->
     )
     with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read() or b"null")
+
+
+def set_mode(stack: Stack, *args: str) -> None:
+    """``resilgate mode ...`` against the gateway's state store, as ops would run it."""
+    config = str(stack.gateway.log_path.with_suffix(".yaml"))
+    subprocess.run(
+        [sys.executable, "-m", "resilgate", "mode", "--config", config, *args],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
 
 
 def set_fault(server: ServerProcess, **fault: Any) -> None:

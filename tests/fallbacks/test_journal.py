@@ -21,7 +21,7 @@ import pytest
 from fallbacks.journal import replay_state, same_resource, write_kind
 from resilgate.fallback import TICKETS_PATH
 from tests.conftest import REPO, ServerProcess, Spawner, wait_until
-from tests.failover_stack import Stack, sim_call, start_stack
+from tests.failover_stack import Stack, set_mode, sim_call, start_stack
 
 FHIR = "application/fhir+json"
 SYSTEM = "urn:resilgate:ticket"
@@ -251,15 +251,7 @@ async def test_updates_are_replayed_with_if_match_and_a_moved_on_record_is_a_con
                 assert r.status == 201 and r.headers["X-Resilgate-Upstream"] == "his/primary"
                 created.append(await r.json())
 
-        def mode(*args: str) -> None:
-            subprocess.run(
-                [sys.executable, "-m", "resilgate", "mode", "--config", config, *args],
-                check=True,
-                capture_output=True,
-                cwd=REPO,
-            )
-
-        mode("set", "his", "fallback", "--reason", "HIS upgrade")
+        set_mode(stack, "set", "his", "fallback", "--reason", "HIS upgrade")
         wait_until(lambda: stack.events("mode_seen"), 5, "the mode to be seen")
         tickets = []
         for resource in created:
@@ -287,7 +279,7 @@ async def test_updates_are_replayed_with_if_match_and_a_moved_on_record_is_a_con
             assert (await r.json(content_type=None))["resourceType"] == "OperationOutcome"
         assert all(ticket_of(stack.url, t)["state"] == "accepted" for t in tickets)
 
-        mode("clear", "his", "--reason", "upgrade done")
+        set_mode(stack, "clear", "his", "--reason", "upgrade done")
         ended = wait_until(lambda: all_finished(stack.url, tickets), 15, "every ticket finished")
         assert [s["state"] for s in ended] == ["applied", "conflict", "duplicate"]
         assert ended[0]["detail"]["version"] == "2"

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import REPO, Spawner, wait_until
-from tests.failover_stack import start_stack
+from tests.conftest import Spawner, wait_until
+from tests.failover_stack import set_mode, start_stack
 
 CAPABILITY = [
     {
@@ -78,24 +76,15 @@ async def test_ops_forcing_a_route_to_fallback_shows_the_notice_while_the_site_i
     spawn: Spawner,
 ) -> None:
     stack = start_stack(spawn, "his", CAPABILITY, fallbacks={"notice": NOTICE})
-    config = str(spawn.tmp_path / "gateway.yaml")
 
-    def mode(*args: str) -> None:
-        subprocess.run(
-            [sys.executable, "-m", "resilgate", "mode", "--config", config, *args],
-            check=True,
-            capture_output=True,
-            cwd=REPO,
-        )
-
-    mode("set", "his-capability", "fallback", "--reason", "drill")
+    set_mode(stack, "set", "his-capability", "fallback", "--reason", "drill")
     wait_until(lambda: [r for r in stack.events("mode_seen")], 5, "the mode to be seen")
     status, headers, body = await get(f"{stack.url}/fhir/metadata")
     assert_notice(status, headers, body, "his-capability")
     status, headers, _ = await get(f"{stack.url}/fhir/Patient/test-0001")
     assert status == 200 and headers["X-Resilgate-Upstream"] == "his/primary"
 
-    mode("clear", "his-capability", "--reason", "drill over")
+    set_mode(stack, "clear", "his-capability", "--reason", "drill over")
     wait_until(lambda: [r for r in stack.events("mode_cleared_seen")], 5, "the clear to be seen")
     status, headers, _ = await get(f"{stack.url}/fhir/metadata")
     assert status == 200 and headers["X-Resilgate-Upstream"] == "his/primary"

@@ -7,8 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from decimal import Decimal
@@ -29,8 +27,8 @@ from resilgate.fallback import (
 )
 from resilgate.metrics import Metrics
 from resilgate.state.memory import MemoryStore
-from tests.conftest import REPO, ServerProcess, Spawner, wait_until
-from tests.failover_stack import Stack, set_fault, sim_call, start_stack
+from tests.conftest import ServerProcess, Spawner, wait_until
+from tests.failover_stack import Stack, set_fault, set_mode, sim_call, start_stack
 from tests.insurance_calls import FIXMEDINS, envelope, settle_input
 
 CALL = "/fsi/api/callService"
@@ -105,27 +103,16 @@ def settlements(server: ServerProcess) -> list[dict[str, Any]]:
     return [w for w in sim_call(server, "GET", "/_sim/writes")["writes"] if w["kind"] == "2207"]
 
 
-def force(stack: Stack, *args: str) -> None:
-    """``resilgate mode ...`` against the gateway's store, as ops would run it."""
-    config = str(stack.gateway.log_path.parent / "gateway.yaml")
-    subprocess.run(
-        [sys.executable, "-m", "resilgate", "mode", "--config", config, *args],
-        check=True,
-        capture_output=True,
-        cwd=REPO,
-    )
-
-
 def insurance_in_fallback(stack: Stack) -> None:
     """Ops hold insurance back (settlements self-pay, nothing replayed); DR is gone, so every
     re-settlement goes to the primary, the one platform the test watches."""
     stack.dr.signal(signal.SIGKILL)
-    force(stack, "set", "insurance", "fallback", "--reason", "test")
+    set_mode(stack, "set", "insurance", "fallback", "--reason", "test")
     wait_until(lambda: stack.events("mode_seen"), 5, "the gateway to see the forced mode")
 
 
 def insurance_back(stack: Stack) -> None:
-    force(stack, "clear", "insurance", "--reason", "test over")
+    set_mode(stack, "clear", "insurance", "--reason", "test over")
 
 
 async def self_pay_claim(http: aiohttp.ClientSession, stack: Stack, **data: Any) -> str:
@@ -287,7 +274,7 @@ async def test_a_body_that_is_no_envelope_is_refused_and_nothing_is_claimed(spaw
         status, headers, body = await call(http, stack, bad)
     assert status == 400 and headers["X-Resilgate-Degraded"] == "self-pay"
     assert body["infcode"] == "-1" and "medfee_sumamt" in body["err_msg"]
-    assert not stack.events("self_pay_claim_accepted")
+    assert not stack.events("journal_accepted")
 
 
 # In-process checks of the I/O layer, with the upstream as the only stand-in.

@@ -7,16 +7,22 @@ import asyncio
 import itertools
 import os
 import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
 import aiohttp
 import orjson
 
-from tests.conftest import REPO, ServerProcess, Spawner, wait_until
-from tests.failover_stack import FAST_HEALTH, Stack, set_fault, sim_call, start_stack, traffic
+from tests.conftest import ServerProcess, Spawner, wait_until
+from tests.failover_stack import (
+    FAST_HEALTH,
+    Stack,
+    set_fault,
+    set_mode,
+    sim_call,
+    start_stack,
+    traffic,
+)
 from tests.insurance_calls import FIXMEDINS, envelope, settle_input
 from tests.load import Sample, steady
 
@@ -211,27 +217,18 @@ async def test_a_fenced_primary_gets_no_traffic_until_ops_lift_the_fence(
     spawn: Spawner,
 ) -> None:
     stack = start_stack(spawn, "his", HIS_READS, dr_read_only=True)
-    config = str(spawn.tmp_path / "gateway.yaml")
     loop = asyncio.get_running_loop()
     done: list[asyncio.Future[Any]] = []
     counts: dict[str, int] = {}
 
-    def mode(*args: str) -> None:
-        subprocess.run(
-            [sys.executable, "-m", "resilgate", "mode", "--config", config, *args],
-            check=True,
-            capture_output=True,
-            cwd=REPO,
-        )
-
     def fence() -> None:
-        mode("set", "his/primary", "maintenance", "--reason", "security investigation")
+        set_mode(stack, "set", "his/primary", "maintenance", "--reason", "security investigation")
         wait_until(lambda: stack.events("endpoint_fenced"), 5, "the fence to be seen")
         counts["fenced"] = traffic(stack.primary)
 
     def lift() -> None:
         counts["before_lift"] = traffic(stack.primary)
-        mode("clear", "his/primary", "--reason", "investigation closed")
+        set_mode(stack, "clear", "his/primary", "--reason", "investigation closed")
 
     events = {
         0.5: lambda: done.append(loop.run_in_executor(None, fence)),
@@ -478,12 +475,7 @@ async def test_a_post_is_sent_again_only_with_an_idempotency_key(spawn: Spawner)
 
 async def test_ops_modes_narrow_or_stop_the_endpoint_choice(spawn: Spawner) -> None:
     stack = start_stack(spawn, "his", HIS_READS, dr_read_only=True)
-    config = str(spawn.tmp_path / "gateway.yaml")
     url = f"{stack.url}/fhir/Patient/test-0001"
-
-    def mode(*args: str) -> None:
-        command = [sys.executable, "-m", "resilgate", "mode", "--config", config, *args]
-        subprocess.run(command, check=True, capture_output=True, cwd=REPO)
 
     async def served_by(http: aiohttp.ClientSession) -> tuple[int, str, str]:
         async with http.get(url) as response:
@@ -496,12 +488,12 @@ async def test_ops_modes_narrow_or_stop_the_endpoint_choice(spawn: Spawner) -> N
 
     async with aiohttp.ClientSession() as http:
         assert (await served_by(http))[1] == "his/primary"
-        mode("set", "his", "dr", "--reason", "drill: run on the DR site")
+        set_mode(stack, "set", "his", "dr", "--reason", "drill: run on the DR site")
         await wait_for(lambda: served_by(http), lambda r: r[1] == "his/dr")
-        mode("set", "his", "maintenance", "--reason", "planned upgrade 22:00-04:00")
+        set_mode(stack, "set", "his", "maintenance", "--reason", "planned upgrade 22:00-04:00")
         _, upstream, retry_after = await wait_for(lambda: served_by(http), lambda r: r[0] == 503)
         assert (upstream, retry_after) == ("", "60")
-        mode("clear", "his", "--reason", "upgrade done")
+        set_mode(stack, "clear", "his", "--reason", "upgrade done")
         await wait_for(lambda: served_by(http), lambda r: r[1] == "his/primary")
 
 
