@@ -187,9 +187,9 @@ class Journal(Fallback):
         }
         headers["X-Request-ID"] = request.request_id
         body = request.body
+        if body is None and _has_body(request):
+            return None  # too large to keep: it could not be replayed (the notice answers)
         if kind == "keyed":
-            if body is None and _has_body(request):
-                return None  # too large to keep: it could not be replayed
             headers.setdefault("Idempotency-Key", ticket)
         else:
             try:

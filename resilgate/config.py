@@ -523,13 +523,21 @@ class JournalOptions(_Model):
         20.0, gt=0, description="Most entries replayed per second and upstream (recovery is load)."
     )
     claim_lease_s: float = Field(
-        30.0,
+        60.0,
         gt=0,
         description="How long taken entries stay with their replayer; after a crash another "
-        "replayer resumes once it runs out.",
+        "replayer resumes once it runs out. At least 2 x `timeouts.total_s` of `journal` routes "
+        "and 1 x of `local-queue` ones (checked).",
     )
     retry_after_s: float = Field(
         5.0, gt=0, description="Pause of a queue after a replay the upstream could not take."
+    )
+    give_up_after_s: float = Field(
+        3600.0,
+        gt=0,
+        description="An entry at the head of its queue that the upstream keeps failing (5xx, "
+        "no answer) for this long, and at least 5 times, becomes a dead letter, so one entry "
+        "cannot hold its queue forever.",
     )
 
 
@@ -757,9 +765,23 @@ def _pydantic_problems(exc: ValidationError, sources: _SourceMap, file: str) -> 
         yield sources.problem(loc, message, file)
 
 
+# How many of the route's timeouts one replay of these fallbacks may take (a journaled update
+# is read back after a conflict).
+REPLAY_CALLS = {"journal": 2, "local-queue": 1}
+
+
 def _reference_problems(config: Config, sources: _SourceMap, file: str) -> Iterator[Problem]:
     seen: dict[str, int] = {}
+    lease_s = config.fallbacks.journal.claim_lease_s
     for index, route in enumerate(config.routes):
+        calls = REPLAY_CALLS.get(route.fallback or "", 0)
+        if calls * route.timeouts.total_s > lease_s:
+            message = (
+                f"a replay of this {route.fallback} route may take {calls} x "
+                f"{route.timeouts.total_s}s, over fallbacks.journal.claim_lease_s ({lease_s}s):"
+                " another replayer could take the entry mid-replay"
+            )
+            yield sources.problem(("routes", index, "timeouts", "total_s"), message, file)
         if route.upstream not in config.upstreams:
             known = ", ".join(sorted(config.upstreams))
             message = f"unknown upstream {route.upstream!r} (known: {known})"

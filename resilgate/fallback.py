@@ -35,6 +35,7 @@ log = get_logger("resilgate.fallback")
 
 DEGRADED = "X-Resilgate-Degraded"
 TICKETS_PATH = "/_resilgate/tickets/"  # + ticket: where its state can be read
+MAX_OBSERVING = 64  # live answers being handed to fallbacks at once, per worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +244,7 @@ class FallbackRunner:
         self.by_name: dict[str, Fallback] = {
             name: registry[name](services) for name in sorted(wanted | {"notice"})
         }
+        self._observing = 0
 
     def __repr__(self) -> str:
         return f"<FallbackRunner {', '.join(self.by_name)}>"
@@ -309,12 +311,24 @@ class FallbackRunner:
     def observe(
         self, request: FallbackRequest, status: int, headers: Mapping[str, str], body: bytes
     ) -> None:
-        """Hand a live answer to the route's fallback in the background (never delays it)."""
+        """Hand a live answer to the route's fallback in the background (never delays it).
+        Beyond ``MAX_OBSERVING`` at once the answer is skipped: a burst must not pile up
+        bodies and store writes behind a slow store."""
         fallback = self.of(request.route)
-        if fallback is not None:
-            self.services.spawn(
-                fallback.observe(request, status, headers, body), f"{fallback.name}.observe"
-            )
+        if fallback is None:
+            return
+        if self._observing >= MAX_OBSERVING:
+            self._count(request.route, fallback.name, "observe_skipped")
+            return
+        self._observing += 1
+
+        async def observing(fallback: Fallback) -> None:
+            try:
+                await fallback.observe(request, status, headers, body)
+            finally:
+                self._observing -= 1
+
+        self.services.spawn(observing(fallback), f"{fallback.name}.observe")
 
     def _count(self, route: Route, fallback: str, outcome: str) -> None:
         self.services.metrics.fallbacks.labels(route.name, fallback, outcome).inc()

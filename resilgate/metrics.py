@@ -37,7 +37,8 @@ class Metrics:
 
         self.fallbacks = Counter(
             "resilgate_fallbacks",
-            "Fallback answers by route, fallback and outcome (served, declined, failed).",
+            "Fallback answers by route, fallback and outcome (served, declined, failed, "
+            "observe_skipped).",
             ["route", "fallback", "outcome"],
             registry=self.registry,
         )

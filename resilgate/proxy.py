@@ -233,8 +233,12 @@ async def proxy_request(request: web.Request) -> web.StreamResponse:
     if body is None:
         await _send_continue(request)
         length = request.content_length
-        keep = retry or _keeps_body(route)
-        if keep and request.body_exists and (length or 0) <= RESEND_BODY_BYTES:
+        journals = _keeps_body(route)
+        fits = length is not None and length <= RESEND_BODY_BYTES
+        # A chunked body is read whole only for a fallback that may journal it, and only
+        # where the route's limit is within what is kept anyway.
+        chunked = length is None and limit <= RESEND_BODY_BYTES
+        if request.body_exists and ((fits and (retry or journals)) or (chunked and journals)):
             # Kept so it can be sent again to the next endpoint, or journaled.
             cap = min(limit, RESEND_BODY_BYTES)
             body = await _read_whole(request, cap, gateway.config.client_body_timeout_s)
@@ -405,6 +409,9 @@ class _Exchange:
         self._waiting: list[EndpointHealth] = []
         self._running: dict[asyncio.Task[_Answer | _Failed], EndpointHealth] = {}
         self._kept: _Answer | None = None
+        # An attempt may have been applied: sent with no answer, or answered with a failure
+        # that does not show it was refused before being processed.
+        self.maybe_applied = False
 
     def resendable(self) -> bool:
         """The body can go out again: kept whole, or never started streaming."""
@@ -527,8 +534,11 @@ class _Exchange:
                         return outcome
                     if isinstance(outcome, _Answer):
                         self._keep(outcome)
-                    elif error is None or not isinstance(outcome.error, NoEndpoint):
-                        error = outcome.error  # a breaker's refusal hides no real failure
+                        self.maybe_applied |= not _refused(outcome)
+                    else:
+                        self.maybe_applied |= outcome.reached
+                        if error is None or _weight(outcome.error) >= _weight(error):
+                            error = outcome.error
                     if self._waiting and not self._running and self.may_try_next(outcome):
                         sent = not isinstance(outcome, _Failed) or outcome.sent
                         self._start("retry" if sent else "first")
@@ -600,10 +610,10 @@ async def _exchange(
     except UpstreamError as error:
         request[OUTCOME] = str(error.details.get("cause", ""))
         if route.fallback is not None and (
-            _reads(route, request.method) or isinstance(error, UpstreamUnreachable)
+            _reads(route, request.method) or not exchange.maybe_applied
         ):
             return await _fall_back(request, gateway, route, body, error.message)
-        if route.retries == "never" and not isinstance(error, UpstreamUnreachable):
+        if route.retries == "never" and exchange.maybe_applied:
             error.details["outcome"] = "unknown"
             error.details["advice"] = (
                 "the call may have been applied: query its outcome (insurance 5203) or reverse "
@@ -612,7 +622,11 @@ async def _exchange(
         raise
     finally:
         request[TRIES] = exchange.tries
-    if answer.failure and route.fallback is not None and _not_applied(route, request, answer):
+    if (
+        answer.failure
+        and route.fallback is not None
+        and (_reads(route, request.method) or not exchange.maybe_applied)
+    ):
         answer.release()
         reason = f"{answer.health.endpoint.label} failed: {answer.failure}"
         return await _fall_back(request, gateway, route, body, reason)
@@ -630,14 +644,18 @@ async def _exchange(
     return relayed
 
 
-def _not_applied(route: Route, request: web.Request, answer: _Answer) -> bool:
-    """A failed answer that shows the request changed nothing: a read, a 503 (the upstream
-    refused to start on it), or a failure read from the body (a platform error)."""
-    return (
-        _reads(route, request.method)
-        or answer.response.status == 503
-        or not answer.failure.startswith("status ")
-    )
+def _weight(error: GatewayError) -> int:
+    """Which error the client hears when every try failed: one that may have been applied
+    over one that never reached a site, over a breaker's refusal (the latest among equals)."""
+    if isinstance(error, NoEndpoint):
+        return 0
+    return 1 if isinstance(error, UpstreamUnreachable) else 2
+
+
+def _refused(answer: _Answer) -> bool:
+    """A failed answer that shows the request was not processed: a 503 (the upstream refused
+    to start on it) or a failure read from the body (a platform error)."""
+    return answer.response.status == 503 or not answer.failure.startswith("status ")
 
 
 async def _relay(request: web.Request, answer: _Answer) -> web.StreamResponse:

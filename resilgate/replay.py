@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 
 import aiohttp
+import orjson
 
 from resilgate.errors import NoEndpoint
 from resilgate.fallback import (
@@ -37,6 +38,7 @@ from resilgate.upstream import upstream_error
 log = get_logger("resilgate.replay")
 
 IDLE_S = 0.5  # between looks at an empty or not yet healthy queue
+GIVE_UP_MIN_TRIES = 5  # an outage between two tries is not the entry's fault
 SessionSource = Callable[[], aiohttp.ClientSession | None]
 ViewSource = Callable[[], StateView | None]
 
@@ -120,6 +122,9 @@ class Replayer:
             }
         )
         self._routes = {route.name: route for route in routes}
+        # Per queue: the head entry being deferred, since when, and how many times: one the
+        # upstream keeps failing must not hold its queue forever.
+        self._deferred: dict[str, tuple[str, float, int]] = {}
 
     def __repr__(self) -> str:
         return f"<Replayer {self.services.replica} queues={self.queues}>"
@@ -180,18 +185,56 @@ class Replayer:
                     error=f"{type(exc).__name__}: {exc}"[:200],
                 )
                 outcome = Replayed("accepted", entry.detail)
+        outcome = self._give_up_if_stuck(entry, outcome)
         owner = self.services.replica
         if outcome.state == "accepted":
             # Keep the entry (and its place at the head of the queue) while we wait to retry.
-            await store.journal_note(entry.ticket, owner, outcome.detail)
+            recorded = await store.journal_note(entry.ticket, owner, outcome.detail)
         else:
-            await store.journal_finish(entry.ticket, owner, outcome.state, outcome.detail)
-        self.services.metrics.replays.labels(entry.queue, outcome.state).inc()
+            recorded = await store.journal_finish(
+                entry.ticket, owner, outcome.state, outcome.detail
+            )
+        state = outcome.state if recorded else "lease_lost"
+        self.services.metrics.replays.labels(entry.queue, state).inc()
+        if not recorded:  # another replayer took it over: its record stands, not ours
+            log.warning("replay_lease_lost", queue=entry.queue, ticket=entry.ticket)
         log.info(
             "replay_finished" if outcome.state != "accepted" else "replay_deferred",
             queue=entry.queue,
             route=entry.route,
             ticket=entry.ticket,
-            state=outcome.state,
+            state=state,
         )
         return outcome
+
+    def _give_up_if_stuck(self, entry: JournalEntry, outcome: Replayed) -> Replayed:
+        """A head entry deferred for ``give_up_after_s`` and at least ``GIVE_UP_MIN_TRIES``
+        times becomes a dead letter (``failed``) that keeps what it recorded, and its queue
+        goes on."""
+        if outcome.state != "accepted":
+            self._deferred.pop(entry.queue, None)
+            return outcome
+        now = self.services.clock()
+        ticket, since, tries = self._deferred.get(entry.queue, ("", now, 0))
+        if ticket != entry.ticket:
+            since, tries = now, 0
+        tries += 1
+        self._deferred[entry.queue] = (entry.ticket, since, tries)
+        limit = self.services.config.fallbacks.journal.give_up_after_s
+        if now - since < limit or tries < GIVE_UP_MIN_TRIES:
+            return outcome
+        self._deferred.pop(entry.queue, None)
+        log.warning("replay_gave_up", queue=entry.queue, ticket=entry.ticket, after_s=limit)
+        detail = {
+            "gave_up_after_s": round(now - since),
+            "tries": tries,
+            "last": _parsed(outcome.detail),
+        }
+        return Replayed("failed", orjson.dumps(detail).decode())
+
+
+def _parsed(detail: str) -> object:
+    try:
+        return orjson.loads(detail)
+    except orjson.JSONDecodeError:
+        return detail

@@ -21,7 +21,7 @@ import pytest
 from fallbacks.journal import replay_state, same_resource, write_kind
 from resilgate.fallback import TICKETS_PATH
 from tests.conftest import REPO, ServerProcess, Spawner, wait_until
-from tests.failover_stack import Stack, set_mode, sim_call, start_stack
+from tests.failover_stack import FAST_HEALTH, Stack, set_mode, sim_call, start_stack
 
 FHIR = "application/fhir+json"
 SYSTEM = "urn:resilgate:ticket"
@@ -32,7 +32,7 @@ ROUTES = [
         "criticality": "core",
         "fallback": "journal",
         "match": {"path_prefix": "/fhir/", "methods": ["POST", "PUT"]},
-        "timeouts": {"connect_s": 0.5, "total_s": 2},
+        "timeouts": {"connect_s": 0.5, "total_s": 1},
         "failure_body": {"format": "fhir"},
     },
     {
@@ -299,7 +299,7 @@ async def test_other_writes_are_replayed_with_an_idempotency_key(spawn: Spawner)
         "criticality": "core",
         "fallback": "journal",
         "match": {"path": "/reg/v1/registrations", "methods": ["POST"]},
-        "timeouts": {"connect_s": 0.5, "total_s": 2},
+        "timeouts": {"connect_s": 0.5, "total_s": 1},
     }
     options = journal_options()
     stack = start_stack(spawn, "registration", [route], dr_read_only=True, fallbacks=options)
@@ -373,3 +373,54 @@ def test_which_writes_can_be_replayed_exactly_once() -> None:
         assert write_kind(method, path) is None, path
     assert same_resource({"id": "a", "meta": {"versionId": "2"}}, {"id": "a"})
     assert not same_resource({"id": "a", "status": "on-hold"}, {"id": "a", "status": "stopped"})
+
+
+async def test_a_write_that_may_have_reached_the_his_is_never_journaled(spawn: Spawner) -> None:
+    """The primary takes the POST and hangs; the retry finds the DR site refusing connections.
+    The first try may have applied it, so the client hears ``upstream_timeout``, not 202."""
+    stack = start_stack(spawn, "his", ROUTES, fallbacks=journal_options())
+    sim_call(stack.primary, "PUT", "/_sim/fault", {"mode": "hang", "path_prefix": "/fhir/"})
+    stack.dr.signal(signal.SIGKILL)
+    headers = {"Content-Type": FHIR, "Idempotency-Key": "order-0001"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{stack.url}/fhir/MedicationRequest", json=order(1), headers=headers) as r,
+    ):
+        status, answered, body = r.status, dict(r.headers), await r.json()
+    assert status == 504 and body["error"] == "upstream_timeout", body
+    assert "X-Resilgate-Degraded" not in answered
+    access = [r for r in stack.events("access") if r["route"] == "his-orders-write"]
+    assert access[-1]["tries"] == 2  # the retry did go to the DR site
+    assert not stack.events("journal_accepted")
+
+
+async def test_an_entry_the_his_keeps_failing_becomes_a_dead_letter_and_the_queue_goes_on(
+    spawn: Spawner,
+) -> None:
+    options = journal_options(give_up_after_s=2)
+    # Each failed replay is a failed half-open trial that opens the breaker again.
+    health = {**FAST_HEALTH, "breaker": {"consecutive_failures": 5, "open_s": 0.5, "max_open_s": 1}}
+    stack = start_stack(spawn, "his", ROUTES, dr_read_only=True, health=health, fallbacks=options)
+    primary_down(stack)
+    lab_order = {**order(0), "resourceType": "ServiceRequest", "code": {"text": "CBC"}}
+    lab_order.pop("medicationCodeableConcept")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{stack.url}/fhir/ServiceRequest", json=lab_order, headers={"Content-Type": FHIR}
+        ) as response:
+            assert response.status == 202
+            poison = (await response.json())["ticket"]
+        tickets = await post_orders(http, stack.url, [order(n) for n in range(1, 4)])
+
+    his = his_back(spawn, stack)  # it answers 500 to this one kind of write, every time
+    sim_call(
+        his,
+        "PUT",
+        "/_sim/fault",
+        {"mode": "error_rate", "rate": 1.0, "status": 500, "path_prefix": "/fhir/ServiceRequest"},
+    )
+    ended = wait_until(lambda: all_finished(stack.url, [poison, *tickets]), 60, "all finished")
+    assert [s["state"] for s in ended] == ["failed", "applied", "applied", "applied"]
+    assert ended[0]["detail"]["tries"] >= 5 and ended[0]["detail"]["gave_up_after_s"] >= 2
+    assert created_keys(his) == [f"{SYSTEM}|{t}" for t in tickets]
+    assert [r["ticket"] for r in stack.events("replay_gave_up")] == [poison]

@@ -239,3 +239,20 @@ def test_valid_tree_loads_frozen_in_written_order(tmp_path: Path) -> None:
     assert [route.name for route in config.routes] == ["his-read", "his-write"]
     with pytest.raises(ValueError, match="frozen"):
         config.routes[0].name = "renamed"  # type: ignore[misc]
+
+
+def test_a_journal_lease_shorter_than_a_replay_is_refused_at_the_route(tmp_path: Path) -> None:
+    main = MAIN + "fallbacks:\n  journal: {claim_lease_s: 20}\n"
+    routes = ROUTES.replace(
+        "match: {path_prefix: /fhir/, methods: [POST]}",
+        "match: {path_prefix: /fhir/, methods: [POST]}\n"
+        "    fallback: journal\n"
+        "    timeouts: {total_s: 15}",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_tree(tmp_path, main, routes))
+    [problem] = caught.value.problems
+    assert (Path(problem.file).name, problem.line) == ("his.yaml", 11)
+    assert problem.field == "routes[1].timeouts.total_s"
+    assert "2 x 15.0s, over fallbacks.journal.claim_lease_s (20.0s)" in problem.message
+    load_config(write_tree(tmp_path, main.replace("20", "30"), routes))  # 2 x 15 fits in 30
