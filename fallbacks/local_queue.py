@@ -11,6 +11,13 @@
 
 With no reserved number left and the store unreachable, or the store unreachable for the
 board, it has no answer and the notice answers (``503``): never a duplicate number.
+
+A registration with ``Idempotency-Key`` is journaled under a ticket derived from the key (an
+HMAC under the gateway's cache keyring, when it has one), so a retry finds it. While the store
+is unreachable the lookup can only see this process (its spool and recent registrations): a
+retry that reaches another replica then gets a second number, and once the store is back the
+spool drain keeps only the first journaled; the other is logged ``local_queue_dropped`` by the
+process that issued it, as soon as that process sees it (it is never back-entered).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import contextlib
 import hashlib
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -32,6 +40,7 @@ from aiohttp import web
 from fallbacks.queue_board import board as board_view
 from fallbacks.queue_board import (
     call_answer,
+    call_mark,
     called_key,
     decode_called,
     encode_called,
@@ -45,11 +54,12 @@ from fallbacks.queue_registration import (
     LocalRegistration,
     check_registration,
     fingerprint,
-    keyed_ticket,
+    keyed_tickets,
     replay_outcome,
     slot_day,
 )
-from resilgate.errors import NoEndpoint, UpstreamError
+from resilgate.config import Config
+from resilgate.errors import NoEndpoint, StartupError, UpstreamError
 from resilgate.fallback import (
     TICKETS_PATH,
     Fallback,
@@ -59,6 +69,7 @@ from resilgate.fallback import (
     degraded,
 )
 from resilgate.logs import get_logger
+from resilgate.sealing import Keyring, KeyringError, load_keyring
 from resilgate.state.records import UNFINISHED, JournalEntry
 from resilgate.state.store import DuplicateTicket, StateStore, StoreUnavailable
 
@@ -69,10 +80,17 @@ QUEUE_PATH = re.compile(r"^/reg/v1/queues/([A-Za-z0-9_]{1,32})(/call-next)?/?$")
 RESERVE_EVERY_S = 1.0  # how often the background task tops the reserves up
 CALL_LOCK_S = 5.0  # the store lease a call-next holds while it changes the called list
 CALL_WAIT_S = 2.0  # longest wait for that lease before the notice answers
-# The called list lives in the store's cache, whose size bound evicts the entries nearest to
-# expiry first: a long life keeps it behind the stale cache's copies.
+# The called list and call-next keys live in the store's cache, whose size bound (the stale
+# cache's ``max_total_bytes``) evicts the entries nearest to expiry first. They live at least
+# ``max_staleness_s`` + OUTLIVE_S, so the called list (rewritten on every call) goes only after
+# every stale copy written up to OUTLIVE_S after the day's last call. If it goes all the same,
+# call-next still never calls a ticket twice (see ``call_mark``); the board shows called ones
+# as waiting until the next call-next restores them, and their back-entry says WAITING.
 CALLED_TTL_S = 8 * 86400.0
 CALL_KEY_TTL_S = 2 * 86400.0
+OUTLIVE_S = 7 * 86400.0
+RECENT_KEYED = 4096  # keyed registrations this process remembers, for retries without store
+CONFIRM_EVERY_S = 1.0  # how often registrations issued with an unchecked key are checked
 LIST_LIMIT = 50_000  # open registrations read for a board at most
 REPLAY_TIMEOUT_S = 10.0
 REPLAYED = {"Idempotent-Replayed": "true"}
@@ -105,6 +123,16 @@ class LocalQueue(Fallback):
         self._listing: tuple[float, list[LocalRegistration]] | None = None
         self._listing_lock = asyncio.Lock()
         self._called: dict[tuple[str, str], tuple[float, frozenset[str]]] = {}
+        staleness = services.config.fallbacks.stale_cache.max_staleness_s
+        self._called_ttl_s = max(CALLED_TTL_S, staleness + OUTLIVE_S)
+        self._call_key_ttl_s = max(CALL_KEY_TTL_S, staleness + OUTLIVE_S)
+        self.keyring = _ticket_keyring(services.config)
+        # Keyed registrations journaled (or found) lately, by ticket: a retry while the store
+        # is unreachable finds them even if they went to the store, not the spool.
+        self._recent: OrderedDict[str, JournalEntry] = OrderedDict()
+        # Issued while the key could not be looked up, by ticket, until the store shows whose
+        # registration the journal kept under it.
+        self._unchecked: dict[str, LocalRegistration] = {}
 
     def __repr__(self) -> str:
         pools = ", ".join(f"{d}/{day} {s.pool!r}" for (d, day), s in self._scopes.items())
@@ -115,7 +143,14 @@ class LocalQueue(Fallback):
         return datetime.fromtimestamp(self.services.clock(), self._zone).date()
 
     async def start(self) -> None:
+        if self.keyring is None:
+            log.warning(
+                "local_queue_tickets_derivable",
+                reason="no cache keyring (fallbacks.stale_cache.keys_env / keys_file): the "
+                "ticket of a registration with Idempotency-Key is a plain hash of the key",
+            )
         self.services.spawn(self._keep_reserves(), "local-queue.reserve")
+        self.services.spawn(self._confirm_forever(), "local-queue.confirm")
 
     async def serve(self, request: FallbackRequest) -> web.StreamResponse | None:
         path, method = request.path, request.method
@@ -215,6 +250,40 @@ class LocalQueue(Fallback):
                 log.warning("local_queue_reserve_failed", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(RESERVE_EVERY_S)
 
+    async def _confirm_forever(self) -> None:
+        while True:
+            try:
+                await self._confirm()
+            except Exception as exc:  # try again next round, whatever this one met
+                log.warning("local_queue_confirm_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(CONFIRM_EVERY_S)
+
+    async def _confirm(self) -> None:
+        """Find out, once the store has them, whose registration the journal kept under each
+        ticket issued with an unchecked key. Another one (the same key, registered elsewhere
+        first): the spool drain drops ours, so this patient's number is never back-entered."""
+        for ticket, reg in list(self._unchecked.items()):
+            try:
+                kept = await self.services.store.journal_get(ticket)
+            except StoreUnavailable:
+                return
+            if kept is None:
+                continue  # between the spool and the store as we looked: next round
+            if kept.seq == 0:
+                return  # still spooled, and so is every later one (the spool drains in order)
+            del self._unchecked[ticket]
+            theirs = LocalRegistration.from_payload(kept.payload, kept.created_at)
+            if theirs is not None and theirs.payload() == reg.payload():
+                continue  # ours: it will be back-entered
+            self._remember(kept)
+            log.warning(
+                "local_queue_dropped",
+                ticket=ticket,
+                queue_no=reg.queue_no,
+                kept=theirs.queue_no if theirs else None,
+                why="key_registered_elsewhere",
+            )
+
     # Registration.
 
     async def _register(self, request: FallbackRequest) -> web.StreamResponse | None:
@@ -228,13 +297,12 @@ class LocalQueue(Fallback):
             return None  # a booking for another day waits for the registration system
         print_ = fingerprint(fields)
         key = request.headers.get("Idempotency-Key")
+        checked = True
         if key:
-            ticket = keyed_ticket(request.route.name, key)
-            try:  # a retry of a registration taken already gets the same number
-                earlier = await self.services.store.journal_get(ticket)
-            except StoreUnavailable:
-                return None  # cannot tell a retry from a new request: no number twice
-            if earlier is not None:
+            tickets = keyed_tickets(request.route.name, key, self.keyring)
+            ticket = tickets[0]
+            earlier, checked = await self._earlier(tickets)
+            if earlier is not None:  # a retry of a registration taken already: the same number
                 return self._repeat(request, earlier, print_)
         else:
             ticket = self.services.new_ticket("R")
@@ -250,17 +318,41 @@ class LocalQueue(Fallback):
             entry = await self.services.journal(request, ticket, reg.payload())
         except DuplicateTicket:  # the same key, concurrently: that one's number stands
             log.info("local_queue_dropped", ticket=ticket, queue_no=queue_no, why="duplicate")
-            try:
-                earlier = await self.services.store.journal_get(ticket)
-            except StoreUnavailable:
-                return None
+            earlier, _ = await self._earlier((ticket,))
             return self._repeat(request, earlier, print_) if earlier is not None else None
         except StoreUnavailable as exc:
             log.warning("local_queue_dropped", ticket=ticket, queue_no=queue_no, why=str(exc))
             return None
+        if key:
+            self._remember(entry)
+            if not checked:
+                log.info("local_queue_key_unchecked", route=request.route.name, ticket=ticket)
+            if not checked or entry.seq == 0:  # the journal may keep another under its ticket
+                self._unchecked[ticket] = reg
         if entry.seq == 0:
             log.info("local_queue_spooled", route=request.route.name, ticket=ticket)
         return degraded(self.name, 201, reg.answer(TICKETS_PATH + ticket), request.request_id)
+
+    async def _earlier(self, tickets: tuple[str, ...]) -> tuple[JournalEntry | None, bool]:
+        """The registration journaled under one of ``tickets`` and whether the store could
+        tell: (None, False) when it could not and this process has none under them."""
+        try:
+            for ticket in tickets:
+                if (found := await self.services.store.journal_get(ticket)) is not None:
+                    self._remember(found)
+                    return found, True
+        except StoreUnavailable:
+            # Spooled ones the store still finds; ones that reached it before it went away, only
+            # this process's memory. Anything else cannot be told from a new registration.
+            known = next((self._recent[t] for t in tickets if t in self._recent), None)
+            return known, known is not None
+        return None, True
+
+    def _remember(self, entry: JournalEntry) -> None:
+        self._recent[entry.ticket] = entry
+        self._recent.move_to_end(entry.ticket)
+        while len(self._recent) > RECENT_KEYED:
+            self._recent.popitem(last=False)
 
     def _repeat(
         self, request: FallbackRequest, earlier: JournalEntry, print_: str
@@ -322,8 +414,8 @@ class LocalQueue(Fallback):
     async def _call_locked(
         self, store: StateStore, request: FallbackRequest, dept: str, day: str
     ) -> web.StreamResponse | None:
-        """Call the first waiting patient while holding the department's call lease; None
-        (nothing changed) when the lease may have run out meanwhile."""
+        """Call the first waiting patient nobody has called (marked) yet, while holding the
+        department's call lease; None (nothing changed) when the lease may have run out."""
         held_since = time.monotonic()
         key = request.headers.get("Idempotency-Key")
         key_name = f"local-queue:call-key:{_digest(key)}" if key else None
@@ -334,19 +426,28 @@ class LocalQueue(Fallback):
                 return degraded(self.name, 422, refused.answer(), request.request_id)
             if stored:
                 return degraded(self.name, 200, stored.get("answer"), request.request_id, REPLAYED)
-        entries = await self._entries(fresh=True)
+        queue = queue_of(await self._entries(fresh=True), dept, day)
         called = decode_called(await store.cache_get(called_key(dept, day)))
-        entry, waiting = next_waiting(queue_of(entries, dept, day), frozenset(called))
-        answer = call_answer(entry, waiting)
+        listed = len(called)
+        entry, waiting = next_waiting(queue, frozenset(called))
         if time.monotonic() - held_since > CALL_LOCK_S / 2:
             return None  # another caller may hold the lease by now: do not overwrite its call
+        # The first to mark a ticket calls it. One marked already is missing from the list (the
+        # cache evicted it, or a call failed after its mark): it counts as called, never again.
+        while entry is not None and await store.take_block(call_mark(entry.ticket), 1) > 1:
+            log.warning("local_queue_called_restored", dept=dept, day=day, ticket=entry.ticket)
+            called.append(entry.ticket)
+            entry, waiting = next_waiting(queue, frozenset(called))
+        answer = call_answer(entry, waiting)
         if entry is not None:
             called.append(entry.ticket)
-            await store.cache_put(called_key(dept, day), encode_called(called), CALLED_TTL_S)
+        if len(called) > listed:
+            await store.cache_put(called_key(dept, day), encode_called(called), self._called_ttl_s)
+        if entry is not None:
             log.info("local_queue_called", dept=dept, day=day, ticket=entry.ticket)
         if key_name is not None:
             stored_answer = orjson.dumps({"scope": [dept, day], "answer": answer})
-            await store.cache_put(key_name, stored_answer, CALL_KEY_TTL_S)
+            await store.cache_put(key_name, stored_answer, self._call_key_ttl_s)
         self._called[dept, day] = (time.monotonic(), frozenset(called))
         return degraded(self.name, 200, answer, request.request_id)
 
@@ -405,6 +506,17 @@ class LocalQueue(Fallback):
             return Replayed("accepted", orjson.dumps(detail).decode())
         state, detail = replay_outcome(reg, answer.status, answer.json())
         return Replayed(state, orjson.dumps(detail).decode())
+
+
+def _ticket_keyring(config: Config) -> Keyring | None:
+    """The gateway's cache keyring (``fallbacks.stale_cache``), which keys the tickets of
+    registrations sent with ``Idempotency-Key``; None if it has none."""
+    options = config.fallbacks.stale_cache
+    keys_file = config.resolve(options.keys_file) if options.keys_file is not None else None
+    try:
+        return load_keyring(options.keys_env, keys_file)
+    except KeyringError as exc:
+        raise StartupError(f"fallbacks.stale_cache (local-queue tickets): {exc}") from None
 
 
 async def _take_lease(store: StateStore, name: str, owner: str, clock: Clock) -> bool:

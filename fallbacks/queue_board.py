@@ -2,7 +2,8 @@
 
 A department's board on a day lists its local registrations in the order they were accepted
 (arrival order, across replicas); the tickets called so far are one shared list in the state
-store. No I/O here.
+store's cache, and each called ticket is also marked by a store counter, which is never
+evicted. No I/O here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from fallbacks.queue_registration import LocalRegistration
 def called_key(dept: str, day: str) -> str:
     """The store cache key of the tickets called from one department's local queue."""
     return f"local-queue:called:{dept}:{day}"
+
+
+def call_mark(ticket: str) -> str:
+    """The store counter that marks one ticket called: the first to count it up (to 1) calls
+    it, so nobody calls it again even if the called list is lost (the cache may evict it)."""
+    return f"local-queue:call:{ticket}"
 
 
 def decode_called(raw: bytes | None) -> list[str]:

@@ -15,13 +15,16 @@ from typing import Any
 
 import orjson
 
+from resilgate.sealing import Keyring
 from resilgate.state.records import JournalState
 
 REQUIRED_FIELDS = ("patientId", "dept", "doctorId", "slotId", "payType", "channel")
 PAY_TYPES = ("insured", "self-pay")
 DEPT_RE = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 KIND = "local-queue.registration"
-RETRY_LATER = (408, 425, 429)  # 4xx that say "not now", not "never"
+# 4xx that say "not now", not "never" (401/407 refuse the gateway's own credentials, not the
+# registration: dead-lettering would dead-letter every entry). As the journal fallback has it.
+RETRY_LATER = frozenset({401, 407, 408, 425, 429})
 EXTERNAL_PATH = "/reg/v1/registrations/external/"  # + ticket: the back-entry upsert
 
 
@@ -87,11 +90,20 @@ def fingerprint(fields: dict[str, str]) -> str:
     return hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
-def keyed_ticket(route: str, key: str) -> str:
-    """The ticket of a registration sent with ``Idempotency-Key``: the same for every retry,
-    so the journal itself recognises one (DuplicateTicket)."""
-    digest = hashlib.sha256(f"{route}\0{key}".encode()).hexdigest()[:24]
-    return f"R-K-{digest}"
+def keyed_tickets(route: str, key: str, keyring: Keyring | None) -> tuple[str, ...]:
+    """The tickets a registration sent with ``Idempotency-Key`` may be under, the one to
+    journal a new one under first: the same for every retry on every replica, so the journal
+    itself recognises a retry (DuplicateTicket, or the spool drain).
+
+    With a keyring, an HMAC that only holders of its keys can compute (one per key: after a
+    rotation a retry is looked up under each), so a ticket cannot be derived from a key;
+    without one, a plain hash of route and key (a client's guessable key gives it away).
+    """
+    parts = (b"local-queue ticket", route.encode(), key.encode())
+    label = b"".join(len(part).to_bytes(4, "big") + part for part in parts)
+    if keyring is None:
+        return (f"R-K-{hashlib.sha256(label).hexdigest()[:24]}",)
+    return tuple(f"R-K-{name[:24]}" for name in keyring.index_names(label))
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,8 @@ from typing import Any
 
 import aiohttp
 
+from fallbacks.queue_registration import keyed_tickets
+from resilgate.sealing import new_key_text
 from tests.conftest import ServerProcess, Spawner, wait_until
 from tests.failover_stack import FAST_HEALTH, sim_call
 from tests.gateway import start_gateway
@@ -76,7 +78,13 @@ def probes_down(gateway: ServerProcess) -> bool:
     return down >= {"registration/primary", "registration/dr"}
 
 
-def start_site(spawn: Spawner, tmp_path: Path, redis: RedisServer, **local_queue: Any) -> Site:
+def start_site(
+    spawn: Spawner,
+    tmp_path: Path,
+    redis: RedisServer,
+    env: dict[str, str] | None = None,
+    **local_queue: Any,
+) -> Site:
     primary = spawn.simulator("registration", "primary")
     dr = spawn.simulator("registration", "dr")
     upstream = {
@@ -93,6 +101,7 @@ def start_site(spawn: Spawner, tmp_path: Path, redis: RedisServer, **local_queue
             {"registration": upstream},
             ROUTES,
             name=f"gw-{n}",
+            env=env,
             state={
                 "backend": "redis",
                 "redis_url": redis.url,
@@ -118,10 +127,15 @@ def body(n: int, **extra: Any) -> dict[str, Any]:
 
 
 async def register(
-    http: aiohttp.ClientSession, gateway: ServerProcess, n: int, **extra: Any
+    http: aiohttp.ClientSession,
+    gateway: ServerProcess,
+    n: int,
+    key: str | None = None,
+    **extra: Any,
 ) -> tuple[int, dict[str, str], Any]:
     url = f"{gateway.url()}/reg/v1/registrations"
-    async with http.post(url, json=body(n, **extra)) as response:
+    headers = {"Idempotency-Key": key} if key else {}
+    async with http.post(url, json=body(n, **extra), headers=headers) as response:
         return response.status, dict(response.headers), await response.json()
 
 
@@ -286,6 +300,71 @@ async def test_numbers_keep_coming_from_the_reserve_with_redis_killed_and_all_ar
             lambda: all_finished(http, site.gateways[1], list(tickets)), 10, "tickets finished"
         )
         await asyncio.gather(*(check(http, ticket) for ticket in tickets))
+
+
+async def test_keyed_registrations_get_numbers_with_redis_killed_and_retries_the_same_one(
+    spawn: Spawner, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Real clients send ``Idempotency-Key``: the reserve serves them while Redis is down too. A
+    retry to the same gateway gets the same number; one to the other gateway cannot be told
+    from a new registration there and gets a second number, which is dropped (and logged)
+    once Redis is back: exactly one registration per key is entered."""
+    env = {"RESILGATE_CACHE_KEYS": new_key_text()}
+    site = start_site(spawn, tmp_path, redis_server, env, block_size=20, spare_blocks=2)
+    site.down()
+    gw0, gw1 = site.gateways
+    for gateway in site.gateways:
+        wait_until(lambda g=gateway: reserve_full(g, 2), 5, "the reserve leased")
+    keys = [f"reg-{n:02d}" for n in range(21)]
+
+    async def keyed(http: aiohttp.ClientSession, gateway: ServerProcess, n: int) -> Any:
+        status, headers, answer = await register(http, gateway, n, keys[n])
+        assert (status, headers["X-Resilgate-Degraded"]) == (201, "local-queue"), answer
+        return answer, headers.get("Idempotent-Replayed")
+
+    async with aiohttp.ClientSession() as http:
+        (first, _) = await keyed(http, gw0, 0)  # journaled in Redis
+        assert first["ticket"] != keyed_tickets("registration-register", keys[0], None)[0]
+        redis_server.kill()
+        taken = [first] + [
+            a for a, _ in await asyncio.gather(*(keyed(http, gw0, n) for n in range(1, 21)))
+        ]
+        numbers = [a["queueNo"] for a in taken]
+        assert len(set(numbers)) == 21 and all(LOCAL_NUMBER.match(q) for q in numbers)
+        retried = await asyncio.gather(*(keyed(http, gw0, n) for n in range(21)))
+        assert retried == [(a, "true") for a in taken]  # the same number, found without Redis
+        (other, _) = await keyed(http, gw1, 1)
+        assert other["ticket"] == taken[1]["ticket"] and other["queueNo"] not in numbers
+    spooled = [r for r in gw0.log_records() if r.get("event") == "local_queue_spooled"]
+    assert len(spooled) == 20
+
+    redis_server.restart()
+    primary = site.primary_back(spawn)
+
+    def dropped() -> list[dict[str, Any]]:
+        return [
+            r
+            for g in site.gateways
+            for r in g.log_records()
+            if r.get("event") == "local_queue_dropped"
+            and r.get("why") == "key_registered_elsewhere"
+        ]
+
+    (drop,) = wait_until(lambda: dropped() or None, 10, "the second number found dropped")
+    pair = {taken[1]["queueNo"], other["queueNo"]}
+    assert drop["ticket"] == other["ticket"] and {drop["queue_no"], drop["kept"]} == pair
+
+    def entered() -> list[dict[str, Any]]:
+        writes = sim_call(primary, "GET", "/_sim/writes")["writes"]
+        return [w for w in writes if w["kind"] == "registration.external"]
+
+    wait_until(lambda: len(entered()) >= 21, 15, "21 back-entries")
+    assert Counter(w["key"] for w in entered()) == Counter({a["ticket"]: 1 for a in taken})
+    async with aiohttp.ClientSession() as http:
+        url = f"{primary.url()}/reg/v1/registrations/external/{other['ticket']}"
+        _, _, registration = await get_json(http, url)
+    assert registration["queueNo"] == drop["kept"]
+    assert dropped() == [drop]
 
 
 async def all_finished(

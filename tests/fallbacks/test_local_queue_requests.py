@@ -1,9 +1,12 @@
 """The local-queue fallback in one process, on a real store: which requests it answers, retries
-with ``Idempotency-Key``, and running dry without ever repeating a number."""
+with ``Idempotency-Key`` (with and without the store), calling nobody twice, and running dry
+without ever repeating a number."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +14,16 @@ import orjson
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from structlog.testing import capture_logs
 
 from fallbacks.local_queue import LocalQueue
+from fallbacks.queue_board import called_key
+from fallbacks.queue_registration import keyed_tickets
 from resilgate.config import Config
+from resilgate.errors import StartupError
 from resilgate.fallback import FallbackRequest, FallbackServices, UpstreamClient
 from resilgate.metrics import Metrics
+from resilgate.sealing import new_key_text
 from resilgate.state.memory import MemoryStore
 from resilgate.state.redis import RedisStore
 from resilgate.state.store import StateStore
@@ -164,3 +172,97 @@ async def test_numbers_run_dry_without_the_store_and_never_repeat(
     finally:
         await queue.services.cancel_tasks()
         await store.close()
+
+
+async def test_call_next_never_calls_anyone_twice_when_the_called_list_is_lost(
+    memory: MemoryStore,
+) -> None:
+    queue = make_queue(memory)
+    for _ in range(3):
+        read(await queue.serve(request(queue, "POST", REG, BODY)))
+    call = request(queue, "POST", "/reg/v1/queues/NEI/call-next")
+    assert read(await queue.serve(call))[1]["called"]["queueNo"] == "L-NEI-0001"
+    # The cache evicted the called list (it is bounded): the first is still called, once.
+    await memory.cache_put(called_key("NEI", queue.today().isoformat()), b"[]", 60)
+    status, called = read(await queue.serve(call))
+    assert (status, called["called"]["queueNo"], called["waiting"]) == (200, "L-NEI-0002", 1)
+    status, board = read(await queue.serve(request(queue, "GET", "/reg/v1/queues/NEI")))
+    assert [e["status"] for e in board] == ["CALLED", "CALLED", "WAITING"]
+
+
+async def test_an_unusable_ticket_key_stops_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESILGATE_CACHE_KEYS", "k1:not-base64")
+    with pytest.raises(StartupError, match="local-queue tickets"):
+        make_queue(None)
+
+
+async def test_keyed_registrations_go_on_without_redis_and_a_second_number_is_found_dropped(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RESILGATE_CACHE_KEYS", new_key_text())
+    stores = [RedisStore(redis_server.url, spool_path=tmp_path / f"{n}.db") for n in "ab"]
+    for store in stores:
+        await store.open()
+    here, there = queues = [
+        make_queue(store, block_size=5, spare_blocks=2, departments=["NEI"]) for store in stores
+    ]
+    try:
+        with capture_logs() as logs:
+            for queue in queues:
+                await queue.start()  # leases the reserve of today's NEI numbers
+
+            async def post(queue: LocalQueue, key: str) -> tuple[web.StreamResponse, Any]:
+                answer = await queue.serve(
+                    request(queue, "POST", REG, BODY, {"Idempotency-Key": key})
+                )
+                assert answer is not None
+                return answer, read(answer)[1]
+
+            _, before = await post(here, "k0")  # journaled in Redis
+            (ticket,) = keyed_tickets("register", "k0", here.keyring)
+            assert before["ticket"] == ticket != keyed_tickets("register", "k0", None)[0]
+            redis_server.kill()
+            _, first = await post(here, "k1")  # spooled
+            assert first["queueNo"] != before["queueNo"]
+            for key, earlier in [("k1", first), ("k0", before)]:  # retries here: the same
+                again, answer = await post(here, key)
+                assert answer == earlier and again.headers["Idempotent-Replayed"] == "true"
+            # Retries that reach another process: it cannot tell, and issues again.
+            elsewhere = {key: (await post(there, key))[1] for key in ("k0", "k1")}
+            assert elsewhere["k1"]["ticket"] == first["ticket"]
+            assert elsewhere["k1"]["queueNo"] not in (first["queueNo"], before["queueNo"])
+
+            redis_server.restart()
+            await until(lambda: not here._unchecked and not there._unchecked, 10, "confirmed")
+        dropped = {
+            (r["ticket"], r["queue_no"], r["kept"])
+            for r in logs
+            if r["event"] == "local_queue_dropped" and r["why"] == "key_registered_elsewhere"
+        }
+        kept = {t: read_payload(await stores[0].journal_get(t)) for t in (ticket, first["ticket"])}
+        assert kept[ticket] == before["queueNo"]  # in Redis before the outage: it stands
+        k1_numbers = {first["queueNo"], elsewhere["k1"]["queueNo"]}
+        assert kept[first["ticket"]] in k1_numbers  # whichever spool drained first
+        assert dropped == {
+            (ticket, elsewhere["k0"]["queueNo"], before["queueNo"]),
+            (first["ticket"], *(k1_numbers - {kept[first["ticket"]]}), kept[first["ticket"]]),
+        }
+    finally:
+        for queue in queues:
+            await queue.services.cancel_tasks()
+        for store in stores:
+            await store.close()
+
+
+def read_payload(entry: Any) -> str:
+    assert entry is not None and entry.seq > 0
+    queue_no: str = orjson.loads(entry.payload)["queue_no"]
+    return queue_no
+
+
+async def until(condition: Callable[[], bool], within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
+        await asyncio.sleep(0.05)

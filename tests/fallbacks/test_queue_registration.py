@@ -15,11 +15,12 @@ from fallbacks.queue_registration import (
     LocalRegistration,
     check_registration,
     fingerprint,
-    keyed_ticket,
+    keyed_tickets,
     mask,
     replay_outcome,
     slot_day,
 )
+from resilgate.sealing import parse_keyring
 
 BODY = {
     "patientId": "p-10086",
@@ -72,7 +73,17 @@ def test_a_schedule_slot_names_its_day() -> None:
 
 
 def test_a_retry_with_the_same_key_gets_the_same_ticket_and_fingerprint() -> None:
-    assert keyed_ticket("reg", "k1") == keyed_ticket("reg", "k1") != keyed_ticket("reg", "k2")
+    plain = keyed_tickets("reg", "k1", None)
+    assert plain == keyed_tickets("reg", "k1", None) != keyed_tickets("reg", "k2", None)
+    assert keyed_tickets("reg", "k1", None) != keyed_tickets("other", "k1", None)
+    old_key, new_key = f"k1:{'A' * 43}=", f"k2:{'B' * 43}="
+    old = parse_keyring(old_key, "test")
+    (keyed,) = keyed_tickets("reg", "k1", old)
+    assert keyed.startswith("R-K-") and len(keyed) == len(plain[0]) and (keyed,) != plain
+    assert keyed_tickets("reg", "k2", old) != (keyed,)
+    # Rotated: new registrations go under the new key's ticket, retries are found under both.
+    rotated = keyed_tickets("reg", "k1", parse_keyring(f"{new_key},{old_key}", "test"))
+    assert len(rotated) == 2 and rotated[1] == keyed != rotated[0]
     assert fingerprint(BODY) == fingerprint(dict(reversed(BODY.items())))
     assert fingerprint(BODY) != fingerprint({**BODY, "payType": "self-pay"})
 
@@ -130,6 +141,8 @@ def test_the_board_lists_arrival_order_and_call_next_takes_the_first_not_called(
         (412, None, "conflict"),
         (422, {"code": "unknown_patient", "message": "no patient p-10086"}, "failed"),
         (429, None, "accepted"),
+        (401, {"code": "unauthorized"}, "accepted"),  # the gateway's credentials, not the entry
+        (407, None, "accepted"),
         (503, {"code": "down"}, "accepted"),
     ],
 )
