@@ -4,17 +4,24 @@ decision about it, without I/O.
 A claim is what the insurer needs to settle a visit the patient paid in full while insurance
 was down. Its progress, kept as the journal entry's ``detail``, moves like this:
 
+- A new claim is ``unknown`` about the HIS's own 2207 (the claim's msgid): the gateway took it
+  over when nothing was sent, but also after a platform error, which may hide a commit. So it
+  is resolved like any unknown 2207, from ``settle_timeout_s`` after the claim was made.
 - ``submitting``: send a 2207 with a fresh msgid, recorded before it is sent. Answered "0":
   ``settled`` (the patient gets back ``refund_due`` = fund + personal account share). Refused
   for a business reason: ``rejected``, a dead letter with the insurer's reason. Not applied
   (503, 429, a platform error, nothing sent): ``submitting`` again, with a fresh msgid.
   No answer (timeout, broken connection, another 5xx, an answer that cannot be read):
   ``unknown``.
-- ``unknown``: that 2207 is never sent again, nor any other 2207 for the claim, until
-  ``resolve_after_s`` has passed and the insurer has said: 5203 by the msgid finds a live
-  settlement: ``settled``; finds it reversed or undone: ``submitting``; finds nothing: a 2601
-  reversal of the msgid (voids a late commit), and once the insurer answered it, either way,
-  ``submitting``.
+- ``unknown``: that 2207 is never sent again, nor any other 2207 for the claim, until the
+  insurer has said it does not stand. Once its call is over (or could be: ``settle_timeout_s``
+  after a send whose answer was never recorded) and ``resolve_after_s`` has passed, 5203 by
+  the msgid: a live settlement: ``settled``; reversed or undone: ``submitting``; "no such
+  settlement" (a ``not_found_markers`` text): a 2601 reversal of the msgid (voids a late
+  commit), and once it is done or answered "no such message", ``submitting``. Any other
+  refusal, or a success without a settlement, is inconclusive and leaves it ``unknown``;
+  ``max_inconclusive`` of them in a row make it a ``conflict`` with the insurer's answers.
+  Timeouts and platform errors are no answer at all: the claim waits for the next turn.
 - An answer about another visit or amount (a msgid collision) is a ``conflict`` for a person;
   so is a progress record that cannot be read (no one can tell what was sent).
 """
@@ -30,7 +37,7 @@ from typing import Any, Literal, get_args
 
 import orjson
 
-from resilgate.config import FailureBody
+from resilgate.config import FailureBody, SelfPayOptions
 from resilgate.failure_body import body_failure, infcode_is_success, short_text
 
 ClaimState = Literal["submitting", "unknown", "settled", "rejected", "conflict"]
@@ -39,11 +46,14 @@ ReplayState = Literal["accepted", "applied", "failed", "conflict"]
 
 CENT = Decimal("0.01")
 SENDING = "sending"  # recorded before the send; still there: the sender may have died
+NO_ANSWER = "no_answer"  # a 5203 or 2601 without the insurer's word (timeout, platform error)
+ORIGINAL = "the HIS's own 2207, answered self-pay"
 # Outcomes after which the next step can follow at once (the others wait for the next turn).
 LEADS_ON = frozenset({"not_found", "reversed", "nothing_to_reverse", "voided"})
 MAX_ATTEMPTS = 6  # kept in the detail; older ones are only counted
 DETAIL_CHARS = 1900  # the replayer keeps 2000 characters of a detail
 REASON_CHARS = 160
+ANSWERS_CHARS = 400  # the insurer's inconclusive answers, in a dead letter's reason
 WHY_CHARS = 60
 # Envelope header fields a re-settlement repeats; ``sign_no`` is left out: it is a day's.
 HEADER_FIELDS = (
@@ -319,6 +329,7 @@ class Attempt:
     sent_at: float
     outcome: str = SENDING
     why: str = ""
+    about: str = ""  # of a 5203 or 2601: the msgid of the 2207 it asks about
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -327,6 +338,8 @@ class Attempt:
             "sent_at": round(self.sent_at, 3),
             "outcome": self.outcome,
         }
+        if self.about:
+            data["about"] = self.about
         if self.why:
             data["why"] = self.why
         return data
@@ -369,11 +382,28 @@ class Progress:
     settlement: Settlement | None = None
     resolved_by: str | None = None
     reason: str | None = None
+    ask_after: float | None = None  # no 5203 about ``unknown_msgid`` before this
+    inconclusive: int = 0  # insurer answers in a row that said nothing about it
 
     def __repr__(self) -> str:
         last = self.attempts[-1] if self.attempts else None
         tried = f"{last.infno} {last.outcome}" if last else "nothing sent"
         return f"<Progress {self.state} {self.dropped + len(self.attempts)} attempts, {tried}>"
+
+    @classmethod
+    def start(cls, claim: Claim, created_at: float, options: SelfPayOptions) -> Progress:
+        """A new claim: the HIS's own 2207 may stand (a platform error can hide a commit), so
+        it is the unknown one, first queried once its call is surely over."""
+        since = round(created_at, 3)
+        original = Attempt("2207", claim.msgid, since, "unknown", ORIGINAL)
+        return cls(
+            claim.amount,
+            "unknown",
+            (original,),
+            unknown_msgid=claim.msgid,
+            unknown_since=since,
+            ask_after=round(created_at + options.settle_timeout_s, 3),
+        )
 
     @property
     def finished(self) -> bool:
@@ -412,7 +442,11 @@ class Progress:
         if self.unknown_msgid is not None:
             data["unknown_msgid"] = self.unknown_msgid
             data["unknown_since"] = round(self.unknown_since or 0.0, 3)
+            if self.ask_after is not None:
+                data["ask_after"] = round(self.ask_after, 3)
             data["queried"] = self.queried
+        if self.inconclusive:
+            data["inconclusive"] = self.inconclusive
         if self.settlement is not None:
             s = self.settlement
             data.update(
@@ -431,16 +465,22 @@ class Progress:
 
     @classmethod
     def from_detail(cls, text: str, amount: Decimal) -> Progress:
-        """The progress a detail records (a new claim's is empty); ValueError if unreadable."""
-        if not text:
-            return cls(amount)
+        """The progress a detail records; ValueError if there is none or it is unreadable (a
+        new claim has none: :meth:`start` it)."""
         try:
             data = orjson.loads(text)
             states = get_args(ClaimState)
             if data.get("claim") != "self-pay" or data["state"] not in states:
                 raise ValueError("not a self-pay claim's progress")
             attempts = tuple(
-                Attempt(a["infno"], a["msgid"], float(a["sent_at"]), a["outcome"], a.get("why", ""))
+                Attempt(
+                    a["infno"],
+                    a["msgid"],
+                    float(a["sent_at"]),
+                    a["outcome"],
+                    a.get("why", ""),
+                    a.get("about", ""),
+                )
                 for a in data["attempts"]
             )
             if any(a.infno not in get_args(Infno) for a in attempts):
@@ -452,7 +492,7 @@ class Progress:
                     for name in ("medfee_sumamt", "fund_pay_sumamt", "acct_pay", "psn_cash_pay")
                 )
                 settlement = Settlement(str(data["setl_id"]), medfee, fund, acct, cash, True)
-            since = data.get("unknown_since")
+            since, ask_after = data.get("unknown_since"), data.get("ask_after")
             return cls(
                 amount,
                 data["state"],
@@ -464,41 +504,51 @@ class Progress:
                 settlement,
                 data.get("resolved_by"),
                 data.get("reason"),
+                None if ask_after is None else float(ask_after),
+                int(data.get("inconclusive", 0)),
             )
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"unreadable progress: {type(exc).__name__}") from None
 
-    def recovered(self) -> Progress:
+    def recovered(self, options: SelfPayOptions) -> Progress:
         """After a replayer stopped between recording a send and recording its answer: a 2207
-        may have been sent and is ``unknown``; a 5203 or 2601 found out nothing."""
+        may have been sent, and its call may have run until its timeout: ``unknown`` from then;
+        a 5203 or 2601 got no answer."""
         if not self.attempts or self.attempts[-1].outcome != SENDING:
             return self
         last = self.attempts[-1]
         if last.infno == "2207":
-            return _unknown(self, "unknown", "no answer recorded", last.sent_at)
-        return _answer(self, "inconclusive", "no answer recorded")
+            ended = last.sent_at + options.settle_timeout_s
+            return _unknown(self, "unknown", "no answer recorded", ended, options)
+        return _answer(self, NO_ANSWER, "no answer recorded")
 
 
-def next_step(progress: Progress, now: float, resolve_after_s: float) -> Step:
+def next_step(progress: Progress, now: float, options: SelfPayOptions) -> Step:
     """What to do for a claim now."""
-    progress = progress.recovered()
+    progress = progress.recovered(options)
     if progress.finished:
         return Done()
     if progress.state == "submitting":
         return Send("2207")
-    since = progress.unknown_since if progress.unknown_since is not None else now
-    if now < since + resolve_after_s:
-        return Wait(since + resolve_after_s)
+    ready = progress.ask_after
+    if ready is None:  # a record made before ``ask_after`` was kept
+        since = progress.unknown_since if progress.unknown_since is not None else now
+        ready = since + options.resolve_after_s
+    if now < ready:
+        return Wait(ready)
     return Send("2601" if progress.queried else "5203", progress.unknown_msgid)
 
 
 def sending(progress: Progress, step: Send, msgid: str, now: float) -> Progress:
     """``progress`` with ``msgid`` recorded as being sent for ``step``: store this first."""
-    attempts = (*progress.attempts, Attempt(step.infno, msgid, round(now, 3)))
+    attempt = Attempt(step.infno, msgid, round(now, 3), about=step.about or "")
+    attempts = (*progress.attempts, attempt)
     return _keep(replace(progress, attempts=attempts), MAX_ATTEMPTS)
 
 
-def answered(progress: Progress, claim: Claim, read: Read, now: float) -> Progress:
+def answered(
+    progress: Progress, claim: Claim, read: Read, now: float, options: SelfPayOptions
+) -> Progress:
     """``progress`` once the attempt being sent got ``read``."""
     last = progress.attempts[-1]
     if last.outcome != SENDING:
@@ -506,23 +556,31 @@ def answered(progress: Progress, claim: Claim, read: Read, now: float) -> Progre
     why = short_text(redact(read.why, claim.identifiers()), WHY_CHARS) if read.why else ""
     match last.infno, read.verdict:
         case "2207", "ok":
-            return _settled_by(progress, claim, read, "2207", "unknown", why, now)
+            return _settled_by(progress, claim, read, "2207", why, now, options)
         case "2207", "refused" | "bad_request":
             reason = short_text(redact(read.why, claim.identifiers()), REASON_CHARS)
             return replace(_answer(progress, "rejected"), state="rejected", reason=reason)
         case "2207", "not_applied":
             return _answer(progress, "not_applied", why)
         case "2207", _:
-            return _unknown(progress, "unknown", why, now)
+            return _unknown(progress, "unknown", why, now, options)
         case "5203", "ok":
-            return _settled_by(progress, claim, read, "5203 query", "inconclusive", why, now)
-        case "5203", "refused":
-            return replace(_answer(progress, "not_found", why), queried=True)
+            return _settled_by(progress, claim, read, "5203 query", why, now, options)
+        case "5203", "refused" if says_not_found(read, options):
+            return replace(_answer(progress, "not_found", why), queried=True, inconclusive=0)
         case "2601", "ok":
             return _resubmit(_answer(progress, "reversed"))
-        case "2601", "refused":
+        case "2601", "refused" if says_not_found(read, options):
             return _resubmit(_answer(progress, "nothing_to_reverse", why))
-    return _answer(progress, "inconclusive", why)
+        case _, "refused" | "bad_request":
+            return _inconclusive(progress, why, options)
+    return _answer(progress, NO_ANSWER, why)
+
+
+def says_not_found(read: Read, options: SelfPayOptions) -> bool:
+    """Whether a refusal says there is no such settlement or message (``not_found_markers``)."""
+    text = read.why.casefold()
+    return any(marker.casefold() in text for marker in options.not_found_markers if marker)
 
 
 def leads_on(progress: Progress) -> bool:
@@ -537,17 +595,17 @@ def _settled_by(
     claim: Claim,
     read: Read,
     resolved_by: str,
-    unreadable: str,
     why: str,
     now: float,
+    options: SelfPayOptions,
 ) -> Progress:
     found = settlement_in(read.envelope, claim)
     if isinstance(found, str):
         return replace(_answer(progress, "conflict"), state="conflict", reason=found)
     if found is None:  # an answer "0" without a settlement in it: ask again later
-        if unreadable == "unknown":
-            return _unknown(progress, "unknown", "success without a settlement", now)
-        return _answer(progress, "inconclusive", "success without a settlement")
+        if progress.attempts[-1].infno == "2207":
+            return _unknown(progress, "unknown", "success without a settlement", now, options)
+        return _inconclusive(progress, "success without a settlement", options)
     if not found.live:  # reversed or undone: nothing stands for the claim
         return _resubmit(_answer(progress, "voided", why))
     settled = _answer(progress, "settled")
@@ -560,22 +618,54 @@ def _answer(progress: Progress, outcome: str, why: str = "") -> Progress:
     return replace(progress, attempts=(*progress.attempts[:-1], last))
 
 
-def _unknown(progress: Progress, outcome: str, why: str, since: float) -> Progress:
-    answered_ = _answer(progress, outcome, why)
-    msgid = progress.attempts[-1].msgid
+def _unknown(
+    progress: Progress, outcome: str, why: str, ended: float, options: SelfPayOptions
+) -> Progress:
+    """The 2207 being sent may stand; its call was over (or timed out) at ``ended``."""
     return replace(
-        answered_,
+        _answer(progress, outcome, why),
         state="unknown",
-        unknown_msgid=msgid,
-        unknown_since=round(since, 3),
+        unknown_msgid=progress.attempts[-1].msgid,
+        unknown_since=round(ended, 3),
+        ask_after=round(ended + options.resolve_after_s, 3),
         queried=False,
+        inconclusive=0,
+    )
+
+
+def _inconclusive(progress: Progress, why: str, options: SelfPayOptions) -> Progress:
+    """The insurer answered, but not whether the unknown 2207 stands: it stays unknown, and
+    after ``max_inconclusive`` such answers in a row it is a person's to find out."""
+    answered_ = _answer(progress, "inconclusive", why)
+    count = progress.inconclusive + 1
+    if count < options.max_inconclusive:
+        return replace(answered_, inconclusive=count)
+    said: list[str] = []  # what it said since the last conclusive answer, oldest first
+    for attempt in reversed(answered_.attempts):
+        if attempt.outcome not in ("inconclusive", NO_ANSWER):
+            break
+        text = f"{attempt.infno}: {attempt.why or 'no reason given'}"
+        if attempt.outcome == "inconclusive" and text not in said:
+            said.insert(0, text)
+    reason = (
+        f"{count} answers in a row did not say whether 2207 {progress.unknown_msgid} stands; "
+        f"ask the insurer before settling by hand. It said: {' | '.join(said)}"
+    )
+    return replace(
+        answered_, state="conflict", inconclusive=count, reason=short_text(reason, ANSWERS_CHARS)
     )
 
 
 def _resubmit(progress: Progress) -> Progress:
     """The unknown 2207 is settled as not standing: a new attempt may go."""
     return replace(
-        progress, state="submitting", unknown_msgid=None, unknown_since=None, queried=False
+        progress,
+        state="submitting",
+        unknown_msgid=None,
+        unknown_since=None,
+        ask_after=None,
+        queried=False,
+        inconclusive=0,
     )
 
 

@@ -15,7 +15,9 @@ Answers keep the insurer's envelope, so a charging system acts on them as on the
 
 Once insurance takes writes again, ``replay`` re-settles each claim in order (see
 :mod:`fallbacks.resettlement` for the state machine); its ticket shows the outcome and the
-refund due.
+refund due. A replay starts a call only if its timeout ends within the first half of the
+replayer's lease on the claim (the config requires ``settle_timeout_s`` under that half), so
+no other replayer can take the claim while a call of it is under way.
 """
 
 from __future__ import annotations
@@ -63,15 +65,18 @@ log = get_logger("fallbacks.self_pay")
 
 MSGID_SCOPE = "self-pay:msgid"  # the fleet-wide counter behind re-settlement msgids
 MAX_SENDS = 4  # per turn: a query, a reversal, a new 2207, and one to spare
+# A turn's calls end within this share of the lease; the rest covers the time between the
+# claim and the turn, the store's writes and clocks that differ between replicas.
+LEASE_SHARE = 0.5
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @dataclass
 class _Turn:
-    """One replay of a claim: the progress the store holds, and when the turn began."""
+    """One replay of a claim: the progress the store holds, and when its calls must end."""
 
     stored: Progress
-    started: float
+    deadline: float
 
 
 class SelfPay(Fallback):
@@ -145,12 +150,17 @@ class SelfPay(Fallback):
             claim = Claim.from_payload(entry.payload)
         except BadClaim as exc:
             return Replayed("failed", _dumps({"claim": "self-pay", "reason": str(exc)}))
+        options = self.options
         try:
-            progress = Progress.from_detail(entry.detail, claim.amount).recovered()
+            if entry.detail:
+                progress = Progress.from_detail(entry.detail, claim.amount).recovered(options)
+            else:
+                progress = Progress.start(claim, entry.created_at, options)
         except ValueError as exc:
             reason = f"{exc}: ask the insurer (5203) before settling by hand"
             return Replayed("conflict", _dumps({"claim": "self-pay", "reason": reason}))
-        turn = _Turn(progress, self.services.clock())
+        lease_s = self.services.config.fallbacks.journal.claim_lease_s
+        turn = _Turn(progress, self.services.clock() + lease_s * LEASE_SHARE)
         try:
             progress = await self._advance(entry, claim, turn)
         except asyncio.CancelledError:
@@ -172,29 +182,34 @@ class SelfPay(Fallback):
         options, services = self.options, self.services
         route = self._routes.get(entry.route)
         rule = route.failure_body if route is not None else None
-        lease_s = services.config.fallbacks.journal.claim_lease_s
         progress = turn.stored
-        for sends in range(MAX_SENDS):
-            step = next_step(progress, services.clock(), options.resolve_after_s)
-            if not isinstance(step, Send):
-                break
-            if sends and services.clock() - turn.started + options.settle_timeout_s > lease_s:
-                break  # the next turn goes on, under a fresh lease
+        for _ in range(MAX_SENDS):
+            step = next_step(progress, services.clock(), options)
+            if not isinstance(step, Send) or not self._in_time(turn):
+                break  # nothing to send now, or the next turn sends it under a fresh lease
             number = await services.store.take_block(MSGID_SCOPE, 1)
             now = services.clock()
             at = local_time(now, options.utc_offset_hours)
             first, last = options.msgid_sequence_from, options.msgid_sequence_to
             msgid = make_msgid(claim.fixmedins_code, at, number, first, last)
-            progress = sending(progress, step, msgid, now)
+            noted = sending(progress, step, msgid, now)
             if not await services.store.journal_note(
-                entry.ticket, services.replica, progress.to_detail()
+                entry.ticket, services.replica, noted.to_detail()
             ):
                 log.warning("self_pay_lease_lost", ticket=entry.ticket, infno=step.infno)
                 return turn.stored
-            turn.stored = progress
+            turn.stored = noted
+            # The call ends by its recorded start + settle_timeout_s (what recovery assumes),
+            # and so within the turn's share of the lease.
+            ends = noted.attempts[-1].sent_at + options.settle_timeout_s
+            timeout_s = ends - services.clock()
+            if ends > turn.deadline or timeout_s <= 0:  # the store was slow: too late now
+                log.info("self_pay_call_deferred", ticket=entry.ticket, infno=step.infno)
+                return progress  # never sent: the record goes back to what it was
             envelope = claim.envelope(step.infno, msgid, at, step.about)
-            reply = await self._send(entry.queue, claim.path, envelope)
-            progress = answered(progress, claim, read_reply(reply, rule), services.clock())
+            reply = await self._send(entry.queue, claim.path, envelope, timeout_s)
+            read = read_reply(reply, rule)
+            progress = answered(noted, claim, read, services.clock(), options)
             log.info(
                 "self_pay_attempt",
                 ticket=entry.ticket,
@@ -206,7 +221,13 @@ class SelfPay(Fallback):
                 break
         return progress
 
-    async def _send(self, queue: str, path: str, envelope: dict[str, Any]) -> Reply:
+    def _in_time(self, turn: _Turn) -> bool:
+        """Whether a call started now ends (times out at the latest) by the turn's deadline."""
+        return self.services.clock() + self.options.settle_timeout_s <= turn.deadline
+
+    async def _send(
+        self, queue: str, path: str, envelope: dict[str, Any], timeout_s: float
+    ) -> Reply:
         try:
             answer = await self.services.client.send(
                 queue,
@@ -214,7 +235,7 @@ class SelfPay(Fallback):
                 path,
                 headers=JSON_HEADERS,
                 body=orjson.dumps(envelope),
-                timeout_s=self.options.settle_timeout_s,
+                timeout_s=timeout_s,
             )
         except (UpstreamUnreachable, NoEndpoint) as exc:
             return Reply(not_sent=True, why=exc.code)

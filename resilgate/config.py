@@ -390,12 +390,30 @@ class SelfPayOptions(_Model):
         20.0,
         gt=0,
         description="Timeout of each re-settlement call (2207, 5203, 2601); a 2207 past it is "
-        "`unknown`.",
+        "`unknown`. Under half of `fallbacks.journal.claim_lease_s`: a replay starts a call "
+        "only if it ends within the first half of its lease on the claim.",
     )
     resolve_after_s: float = Field(
         30.0,
         gt=0,
-        description="Wait before querying (5203) a settlement whose outcome is unknown.",
+        description="Wait, once a re-settlement 2207 is `unknown` and its call is over, before "
+        "querying it (5203). The HIS's own 2207 behind a claim is queried `settle_timeout_s` "
+        "after the claim was made.",
+    )
+    not_found_markers: list[str] = Field(
+        ["不存在", "no settlement", "no message", "not found"],
+        min_length=1,
+        description="Texts (any case) in the insurer's refusal of a 5203 query or 2601 "
+        'reversal that mean "no such settlement / message"; only these let a new 2207 '
+        "follow. Any other refusal is inconclusive.",
+    )
+    max_inconclusive: int = Field(
+        5,
+        ge=1,
+        description="Inconclusive insurer answers in a row about a 2207 that may stand (a "
+        "refusal without a not-found marker, a success without a settlement) after which the "
+        "claim is a dead letter (`conflict`) for a person, with those answers. Timeouts and "
+        "platform errors are not answers: the claim waits.",
     )
     msgid_sequence_from: int = Field(
         9000,
@@ -629,6 +647,21 @@ class Config(_Model):
         description="Routes, in match order: the ones written here, then the included ones.",
     )
     _base_dir: Path = PrivateAttr(Path("."))
+
+    @model_validator(mode="after")
+    def _self_pay_calls_within_lease(self) -> Config:
+        # A replay starts a self-pay call only if it ends within the first half of the lease
+        # on its claim (fallbacks/self_pay.py); the other half covers the time from the claim
+        # to the replay and the store's writes. A longer timeout would let no call start.
+        timeout_s = self.fallbacks.self_pay.settle_timeout_s
+        lease_s = self.fallbacks.journal.claim_lease_s
+        if timeout_s * 2 >= lease_s and any(r.fallback == "self-pay" for r in self.routes):
+            raise ValueError(
+                f"fallbacks.self_pay.settle_timeout_s ({timeout_s}s) must be under half of "
+                f"fallbacks.journal.claim_lease_s ({lease_s}s): a re-settlement call must end "
+                "well within the replayer's lease on its claim"
+            )
+        return self
 
     def resolve(self, path: Path) -> Path:
         """A path from the config, relative to the main file's directory."""

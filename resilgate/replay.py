@@ -140,6 +140,8 @@ class Replayer:
             if not self.client.writable_now(queue):
                 await asyncio.sleep(IDLE_S)
                 continue
+            # Paced before the claim, so the wait does not eat into the entry's lease.
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             try:
                 store = self.services.store
                 entries = await store.journal_claim(
@@ -154,7 +156,6 @@ class Replayer:
             if not entries:
                 await asyncio.sleep(IDLE_S)
                 continue
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             next_at = time.monotonic() + interval
             try:
                 outcome = await self._replay_one(store, entries[0])
