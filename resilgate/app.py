@@ -135,7 +135,11 @@ async def ticket_status(request: web.Request) -> web.Response:
         "accepted_at": entry.created_at,
         "detail": detail,
     }
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    return web.Response(
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 async def shared_state(app: web.Application) -> AsyncIterator[None]:

@@ -603,7 +603,6 @@ async def _exchange(
     try:
         answer = await exchange.run(order)
     except NoEndpoint as error:  # nothing was sent: every endpoint's breaker refused
-        request[TRIES] = exchange.tries
         if route.fallback is not None:
             return await _fall_back(request, gateway, route, body, error.message)
         raise
