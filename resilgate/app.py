@@ -30,6 +30,7 @@ from resilgate.proxy import (
     proxy_request,
 )
 from resilgate.state.factory import make_store
+from resilgate.state.records import parsed_detail
 from resilgate.state.store import StoreUnavailable
 from resilgate.state.view import StateView, trim_forever
 from resilgate.upstream import new_session
@@ -123,17 +124,13 @@ async def ticket_status(request: web.Request) -> web.Response:
         raise StoreDown(f"the state store is unreachable: {exc}") from exc
     if entry is None:
         raise NoTicket(f"no ticket {ticket}")
-    try:
-        detail = orjson.loads(entry.detail) if entry.detail else None
-    except orjson.JSONDecodeError:
-        detail = entry.detail
     body = {
         "ticket": entry.ticket,
         "state": entry.state,
         "queue": entry.queue,
         "route": entry.route,
         "accepted_at": entry.created_at,
-        "detail": detail,
+        "detail": parsed_detail(entry.detail),
     }
     return web.Response(
         body=orjson.dumps(body),

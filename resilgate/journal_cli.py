@@ -11,14 +11,13 @@ import asyncio
 import os
 import sys
 from datetime import datetime
-from typing import Any
 
 import orjson
 
 from resilgate.config import Config
 from resilgate.failure_body import short_text
 from resilgate.mode_cli import Action, with_store
-from resilgate.state.records import JournalEntry
+from resilgate.state.records import JournalEntry, parsed_detail
 from resilgate.state.store import StateStore
 
 STATES: dict[str, frozenset[str] | None] = {
@@ -33,16 +32,9 @@ def _when(at: float) -> str:
     return datetime.fromtimestamp(at).astimezone().isoformat(timespec="seconds")
 
 
-def _detail(entry: JournalEntry) -> Any:
-    try:
-        return orjson.loads(entry.detail) if entry.detail else None
-    except orjson.JSONDecodeError:
-        return entry.detail
-
-
 def short_detail(entry: JournalEntry) -> str:
     """The gist of an entry's detail on one line: status, record or reason."""
-    detail = _detail(entry)
+    detail = parsed_detail(entry.detail)
     if not isinstance(detail, dict):
         text = str(detail or "")
     else:
@@ -65,7 +57,7 @@ async def _show(store: StateStore, ticket: str) -> int:
     if entry is None:
         print(f"error: no ticket {ticket}", file=sys.stderr)
         return 1
-    detail = _detail(entry)
+    detail = parsed_detail(entry.detail)
     print(f"ticket\t{entry.ticket}")
     print(f"state\t{entry.state}")
     print(f"queue\t{entry.queue}")

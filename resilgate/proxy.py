@@ -141,18 +141,7 @@ async def _read_for_matching(
     if (request.content_length or 0) > cap:
         raise too_large
     await _send_continue(request)
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.content.iter_any():
-                size += len(chunk)
-                if size > cap:
-                    raise too_large
-                chunks.append(chunk)
-    except TimeoutError as exc:
-        raise ClientTooSlow(f"request body not received within {timeout_s}s") from exc
-    body = b"".join(chunks)
+    body = await _read_whole(request, cap, timeout_s, too_large)
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -287,7 +276,10 @@ def _reads(route: Route, method: str) -> bool:
     return method in READ_METHODS or route.retries == "safe"
 
 
-async def _read_whole(request: web.Request, cap: int, timeout_s: float) -> bytes:
+async def _read_whole(
+    request: web.Request, cap: int, timeout_s: float, too_large: GatewayError | None = None
+) -> bytes:
+    """The whole body, at most ``cap`` bytes (else ``too_large``), within ``timeout_s``."""
     chunks: list[bytes] = []
     size = 0
     try:
@@ -295,7 +287,9 @@ async def _read_whole(request: web.Request, cap: int, timeout_s: float) -> bytes
             async for chunk in request.content.iter_any():
                 size += len(chunk)
                 if size > cap:
-                    raise RequestBodyTooLarge(f"request body over {cap} bytes", limit=cap)
+                    raise too_large or RequestBodyTooLarge(
+                        f"request body over {cap} bytes", limit=cap
+                    )
                 chunks.append(chunk)
     except TimeoutError as exc:
         raise ClientTooSlow(f"request body not received within {timeout_s}s") from exc

@@ -30,7 +30,7 @@ from resilgate.fallback import (
 from resilgate.fleet import Fleet
 from resilgate.logs import get_logger
 from resilgate.selection import plan
-from resilgate.state.records import JournalEntry
+from resilgate.state.records import JournalEntry, parsed_detail
 from resilgate.state.store import StateStore
 from resilgate.state.view import StateView
 from resilgate.upstream import upstream_error
@@ -229,13 +229,6 @@ class Replayer:
         detail = {
             "gave_up_after_s": round(now - since),
             "tries": tries,
-            "last": _parsed(outcome.detail),
+            "last": parsed_detail(outcome.detail),
         }
         return Replayed("failed", orjson.dumps(detail).decode())
-
-
-def _parsed(detail: str) -> object:
-    try:
-        return orjson.loads(detail)
-    except orjson.JSONDecodeError:
-        return detail

@@ -58,6 +58,16 @@ class Verdict(_JsonRecord):
     at: float
 
 
+def parsed_detail(detail: str) -> Any:
+    """A journal detail as the JSON it usually is, else its text; None when empty."""
+    if not detail:
+        return None
+    try:
+        return orjson.loads(detail)
+    except orjson.JSONDecodeError:
+        return detail
+
+
 @dataclass(frozen=True, slots=True)
 class JournalEntry(_JsonRecord):
     """A write accepted while its upstream could not take it; replayed later, exactly once.
