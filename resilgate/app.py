@@ -17,6 +17,8 @@ from resilgate.fallback import TICKETS_PATH
 from resilgate.headers import REQUEST_ID as REQUEST_ID_HEADER
 from resilgate.headers import RequestIds
 from resilgate.logs import LOG_STREAM, get_logger
+from resilgate.ops import OPS, build_ops
+from resilgate.outcomes import RequestOutcome
 from resilgate.proxy import (
     DEGRADED_BY,
     GATEWAY,
@@ -96,6 +98,19 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
         raise
     finally:
         route = request.get(ROUTE)
+        duration_s = time.perf_counter() - started
+        outcome = RequestOutcome(
+            route=route.name if route else None,
+            criticality=route.criticality if route else None,
+            upstream=route.upstream if route else None,
+            served_by=request.get(SERVED_BY),
+            degraded=request.get(DEGRADED_BY) or None,
+            status=status,
+            duration_s=duration_s,
+            at=time.time(),
+        )
+        request.app[GATEWAY].fleet.metrics.observe(outcome)
+        request.app[OPS].record(outcome)
         log.info(
             "access",
             request_id=request[REQUEST_ID],
@@ -107,7 +122,7 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
             tries=request.get(TRIES),
             status=status,
             outcome=request.get(OUTCOME),
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            duration_ms=round(duration_s * 1000, 2),
         )
 
 
@@ -153,9 +168,13 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     gateway.state = view
     await gateway.fallbacks.start()
+    ops = app[OPS]
     day = 86400.0
     tasks = [
         asyncio.create_task(view.run()),
+        asyncio.create_task(ops.alerts.run()),
+        asyncio.create_task(ops.watcher.run()),
+        asyncio.create_task(ops.drills.run()),
         asyncio.create_task(gateway.fleet.run(view)),
         asyncio.create_task(gateway.replayer.run()),
         asyncio.create_task(
@@ -172,6 +191,7 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await ops.alerts.close()
     await gateway.fallbacks.stop()
     await store.close()
 
@@ -180,6 +200,7 @@ def build_app(config: Config) -> web.Application:
     """The public listener's application for one worker."""
     app = web.Application(middlewares=[errors_as_json, request_id, access_log])
     app[GATEWAY] = Gateway.from_config(config, REGISTRY)
+    app[OPS] = build_ops(app[GATEWAY])
     app[REQUEST_IDS] = RequestIds()
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:

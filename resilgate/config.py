@@ -50,6 +50,11 @@ class Listeners(_Model):
         default_factory=Listener,
         description="Where clients (HIS workstations, kiosks, the patient app) connect.",
     )
+    admin: Listener = Field(
+        default_factory=lambda: Listener(host="127.0.0.1", port=9090),
+        description="The admin API (status, modes, journal, drills, metrics): never the public "
+        "address; keep it on a management network.",
+    )
 
 
 class StateConfig(_Model):
@@ -573,13 +578,121 @@ class Fallbacks(_Model):
     journal: JournalOptions = Field(default_factory=JournalOptions, description="`journal`.")
 
 
+Role = Literal["viewer", "operator"]
+
+
+class AdminToken(_Model):
+    """One bearer token of the admin API, kept as its SHA-256 (`resilgate token new` makes one)."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$",
+        description="Who holds it, e.g. `ops-alice`; the audit log names changes by it.",
+    )
+    role: Role = Field(
+        description="`viewer` reads; `operator` also changes modes, journal, drills."
+    )
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the token (never the token)."
+    )
+
+
+class Admin(_Model):
+    """Who may use the admin API."""
+
+    tokens: list[AdminToken] = Field(
+        default_factory=list, description="Tokens written in this file (hashes only)."
+    )
+    tokens_file: Path | None = Field(
+        None,
+        description="A YAML list of more tokens in the same form, e.g. a mounted Kubernetes "
+        "Secret; relative to this file. Read at start-up.",
+    )
+
+
+Criticality = Literal["core", "support", "reporting"]
+
+
+def _core_weights() -> dict[Criticality, float]:
+    return {"core": 1.0, "support": 0.0, "reporting": 0.0}
+
+
+class Incident(_Model):
+    """How the incident level is computed from recent traffic (the hospital emergency plan)."""
+
+    window_s: float = Field(
+        60, gt=0, le=3600, description="Recent traffic: the share is measured over this window."
+    )
+    min_requests: int = Field(
+        20, ge=1, description="No level is declared on fewer weighted requests in the window."
+    )
+    weights: dict[Criticality, float] = Field(
+        default_factory=_core_weights,
+        description="Weight of each route criticality in the share (core traffic decides).",
+    )
+    level1_share: float = Field(
+        0.5, gt=0, le=1, description="Level 1 above this share of failed or degraded traffic."
+    )
+    level2_share: float = Field(0.2, gt=0, le=1, description="Level 2 from this share up.")
+    level3_share: float = Field(
+        0.0, ge=0, lt=1, description="Level 3 above this share; at or below it, no incident."
+    )
+    calm_s: float = Field(
+        30, ge=0, description="A level is lowered only after the share stayed lower this long."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Incident:
+        if not self.level3_share < self.level2_share <= self.level1_share:
+            raise ValueError(
+                "shares must rise from level 3 to level 1: "
+                f"level3_share {self.level3_share} < level2_share {self.level2_share} "
+                f"<= level1_share {self.level1_share}"
+            )
+        return self
+
+
+class Alerts(_Model):
+    """Webhooks to departments: incident level changes and early warnings."""
+
+    webhooks: list[UpstreamUrl] = Field(
+        default_factory=list, description="URLs that get a JSON POST for every alert."
+    )
+    secret_env: str = Field(
+        "RESILGATE_WEBHOOK_SECRET",
+        description="Environment variable holding a secret; when set, each POST carries "
+        "`X-Resilgate-Signature: sha256=<HMAC of the body>`.",
+    )
+    timeout_s: float = Field(5.0, gt=0, description="Time one POST may take.")
+    max_attempts: int = Field(8, ge=1, description="POSTs of one alert before it is dropped.")
+    backoff_s: float = Field(1.0, gt=0, description="First wait before a retry; doubles.")
+    max_backoff_s: float = Field(60.0, gt=0, description="Longest wait between two retries.")
+    queue_size: int = Field(
+        1000, ge=1, description="Alerts waiting per URL; beyond it the oldest is dropped."
+    )
+    warning_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Early warning once an endpoint's failure or slow-call rate (summed over "
+        "the fleet, breaker window) reaches this fraction of its breaker's rate.",
+    )
+
+
+class Drills(_Model):
+    """Emergency drills."""
+
+    restore_grace_s: float = Field(
+        10, gt=0, description="After a drill ends, how long its report waits for live traffic."
+    )
+
+
 class Route(_Model):
     """Which requests go to which upstream."""
 
     name: Name = Field(description="Unique route name; appears in logs and metrics.")
     upstream: Name = Field(description="Name of the upstream that serves this route.")
     match: Match = Field(description="Which requests this route takes.")
-    criticality: Literal["core", "support", "reporting"] = Field(
+    criticality: Criticality = Field(
         "support", description="`core` business, `support`, or `reporting` (shed first)."
     )
     timeouts: Timeouts = Field(
@@ -638,6 +751,12 @@ class Config(_Model):
     fallbacks: Fallbacks = Field(
         default_factory=Fallbacks, description="Options of the routes' fallbacks."
     )
+    admin: Admin = Field(default_factory=Admin, description="Admin API tokens and limits.")
+    incident: Incident = Field(
+        default_factory=Incident, description="Incident levels from recent traffic."
+    )
+    alerts: Alerts = Field(default_factory=Alerts, description="Webhooks to departments.")
+    drills: Drills = Field(default_factory=Drills, description="Emergency drills.")
     include_routes: list[str] = Field(
         default_factory=lambda: ["routes/*.yaml"],
         description="Globs of route table files, relative to this file; read in sorted order.",
@@ -734,7 +853,7 @@ def _lines(node: yaml.Node, loc: Loc, out: dict[Loc, int], duplicates: list[Loc]
             _lines(item, (*loc, index), out, duplicates)
 
 
-def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
+def read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
     file = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -842,7 +961,7 @@ def _route_files(
             problems.append(sources.problem(where, f"no file matches {pattern!r}", main_file))
         for route_path in matched:
             try:
-                route_data, route_lines = _read_yaml(Path(route_path))
+                route_data, route_lines = read_yaml(Path(route_path))
                 RouteFile.model_validate(route_data)
             except ConfigError as exc:
                 problems.extend(exc.problems)
@@ -866,7 +985,7 @@ def load_config(path: Path | str) -> Config:
     """
     main_path = Path(path)
     main_file = str(main_path)
-    data, lines = _read_yaml(main_path)
+    data, lines = read_yaml(main_path)
     if not isinstance(data, dict):
         raise ConfigError([Problem(main_file, 1, "", "the file must be a YAML mapping")])
     sources = _SourceMap()

@@ -13,7 +13,8 @@ from pathlib import Path
 import orjson
 from pydantic import AnyHttpUrl
 
-from resilgate.config import Config, Endpoint, Listener, Listeners
+from resilgate.admin.auth import new_token, token_hash
+from resilgate.config import AdminToken, Config, Endpoint, Listener, Listeners
 from resilgate.sealing import new_key_text
 from resilgate.simulators import SIMULATOR_KINDS
 from resilgate.workers import die_with_parent, serve
@@ -77,7 +78,9 @@ def _stop(simulators: list[_Simulator]) -> None:
             sim.process.wait()
 
 
-def _with_ports(config: Config, simulators: list[_Simulator], port: int | None) -> Config:
+def _with_ports(
+    config: Config, simulators: list[_Simulator], port: int | None, ephemeral: bool
+) -> Config:
     by_site = {(sim.upstream, sim.endpoint.name): sim.port for sim in simulators}
     upstreams = {}
     for name, upstream in config.upstreams.items():
@@ -92,7 +95,10 @@ def _with_ports(config: Config, simulators: list[_Simulator], port: int | None) 
         upstreams[name] = upstream.model_copy(update={"endpoints": endpoints})
     listeners = config.listeners
     if port is not None:
-        listeners = Listeners(public=Listener(host=listeners.public.host, port=port))
+        admin = listeners.admin
+        if ephemeral:
+            admin = Listener(host=admin.host, port=0)
+        listeners = Listeners(public=Listener(host=listeners.public.host, port=port), admin=admin)
     return config.model_copy(update={"upstreams": upstreams, "listeners": listeners})
 
 
@@ -135,6 +141,25 @@ def _demo_cache_key(config: Config) -> str | None:
     )
 
 
+def _demo_admin_token(config: Config) -> tuple[Config, str | None]:
+    """Give the demo an operator token for this run if the config has none; the config to
+    serve and a note that shows the token (a demo's token is random and dies with it)."""
+    if config.admin.tokens or config.admin.tokens_file is not None:
+        return config, None
+    token = new_token()
+    entry = AdminToken(name="demo-operator", role="operator", sha256=token_hash(token))
+    admin = config.admin.model_copy(update={"tokens": [entry]})
+    listener = config.listeners.admin
+    note = (
+        "demo: no admin tokens configured: this run's operator token is below (random, for "
+        "this run only)\n"
+        f"  export RESILGATE_ADMIN_URL=http://{listener.host}:{listener.port}\n"
+        f"  export RESILGATE_ADMIN_TOKEN={token}\n"
+        "  resilgate status"
+    )
+    return config.model_copy(update={"admin": admin}), note
+
+
 def run_demo(
     config: Config,
     port: int | None = None,
@@ -155,10 +180,13 @@ def run_demo(
             for endpoint in upstream.endpoints:
                 simulators.append(_start(name, endpoint, ephemeral, workdir))
         _wait_ready(simulators)
-        live = _with_ports(config, simulators, 0 if ephemeral else port)
+        live = _with_ports(config, simulators, 0 if ephemeral else port, ephemeral)
         note = _demo_cache_key(live)
         if note is not None:
             print(note, flush=True)
+        live, token_note = _demo_admin_token(live)
+        if token_note is not None and not ephemeral:
+            print(token_note, flush=True)
         gateway_ready = ready_file or workdir / "gateway.ready.json"
         gateway_ready.unlink(missing_ok=True)
         if ephemeral or port == 0:

@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkProcess
 from pathlib import Path
@@ -27,16 +28,29 @@ from types import FrameType
 import uvloop
 from aiohttp import web
 
+from resilgate.admin.api import build_admin_app, mark_draining
 from resilgate.app import build_app
 from resilgate.config import Config
 from resilgate.errors import StartupError
 from resilgate.logs import configure_logging, get_logger
+from resilgate.metrics import worker_exited
 from resilgate.readyfile import write_ready_file
 
 log = get_logger("resilgate.workers")
 _PR_SET_PDEATHSIG = 1
 START_DEADLINE_S = 30.0
 MAX_RESTART_DELAY_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """The ports of a worker's listeners."""
+
+    public: int
+    admin: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"public": self.public, "admin": self.admin}
 
 
 class ListenError(StartupError):
@@ -64,22 +78,35 @@ def worker_count(config: Config, override: int | None) -> int:
     return wanted or available_cpus()
 
 
-def _describe(exc: OSError, host: str, port: int) -> str:
+def _describe(exc: OSError, name: str, host: str, port: int) -> str:
     reason = {
         errno.EADDRINUSE: "address already in use (another gateway or program holds the port)",
         errno.EADDRNOTAVAIL: "address not available on this machine",
         errno.EACCES: "permission denied (ports below 1024 need privileges)",
     }.get(exc.errno or 0, exc.strerror or str(exc))
-    return f"listeners.public ({host}:{port}): {reason}"
+    return f"listeners.{name} ({host}:{port}): {reason}"
+
+
+async def _listen(runner: web.AppRunner, name: str, host: str, port: int, reuse_port: bool) -> int:
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ListenError(_describe(exc, name, host, port)) from exc
+    bound: int = runner.addresses[-1][1]
+    log.info("listening", listener=name, host=host, port=bound, pid=os.getpid())
+    return bound
 
 
 async def run_worker(
-    config: Config, port: int, on_ready: Callable[[int], None], reuse_port: bool
+    config: Config, ports: Ports, on_ready: Callable[[Ports], None], reuse_port: bool
 ) -> None:
-    """Serve the public listener until SIGTERM/SIGINT, then drain within the deadline."""
-    listener = config.listeners.public
+    """Serve the public and admin listeners until SIGTERM/SIGINT, then drain within the
+    deadline (the admin listener says not ready from the first moment of draining)."""
+    public_app = build_app(config)
+    admin_app = build_admin_app(public_app)
     runner = web.AppRunner(
-        build_app(config),
+        public_app,
         access_log=None,
         handle_signals=False,
         shutdown_timeout=config.drain_deadline_s,
@@ -87,40 +114,41 @@ async def run_worker(
         max_line_size=config.max_header_bytes,
         max_field_size=config.max_header_bytes,
     )
+    admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, listener.host, port, reuse_port=reuse_port, backlog=1024)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ListenError(_describe(exc, listener.host, port)) from exc
-        bound_port: int = runner.addresses[0][1]
-        log.info("listening", host=listener.host, port=bound_port, pid=os.getpid())
-        on_ready(bound_port)
-
+        await admin_runner.setup()
+        listeners = config.listeners
+        bound = Ports(
+            await _listen(runner, "public", listeners.public.host, ports.public, reuse_port),
+            await _listen(admin_runner, "admin", listeners.admin.host, ports.admin, reuse_port),
+        )
+        on_ready(bound)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        mark_draining(admin_app)
         log.info("draining", deadline_s=config.drain_deadline_s, pid=os.getpid())
     finally:
         await runner.cleanup()
+        await admin_runner.cleanup()
     log.info("stopped", pid=os.getpid())
 
 
-def _worker_main(config: Config, port: int, ready: Connection) -> None:
+def _worker_main(config: Config, ports: Ports, ready: Connection) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     die_with_parent()  # if the supervisor is killed outright, drain instead of lingering
     try:
-        uvloop.run(run_worker(config, port, lambda _port: ready.send(os.getpid()), True))
+        uvloop.run(run_worker(config, ports, lambda _ports: ready.send(os.getpid()), True))
     except StartupError as exc:
         log.error("cannot_start", reason=str(exc))
         sys.exit(1)
 
 
-def _reserve_port(host: str, port: int) -> socket.socket:
+def _reserve_port(name: str, host: str, port: int) -> socket.socket:
     """Bind (without listening) so port 0 resolves once and every worker joins that port.
 
     A first bind without SO_REUSEPORT fails if anyone already holds the port, so a second
@@ -137,7 +165,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError as exc:
-        raise ListenError(_describe(exc, host, port)) from exc
+        raise ListenError(_describe(exc, name, host, port)) from exc
     return sock
 
 
@@ -161,9 +189,9 @@ class Supervisor:
         alive = sum(worker.exitcode is None for worker in self.workers)
         return f"<Supervisor {alive}/{self.count} workers alive stopping={self._stopping}>"
 
-    def _start_worker(self, port: int) -> ForkProcess:
+    def _start_worker(self, ports: Ports) -> ForkProcess:
         worker = self._context.Process(
-            target=_worker_main, args=(self.config, port, self._report), daemon=False
+            target=_worker_main, args=(self.config, ports, self._report), daemon=False
         )
         worker.start()
         assert worker.pid is not None
@@ -190,12 +218,16 @@ class Supervisor:
         return True
 
     def run(self) -> int:
-        listener = self.config.listeners.public
-        reserved = _reserve_port(listener.host, listener.port)
-        port: int = reserved.getsockname()[1]
+        listeners = self.config.listeners
+        reserved = [
+            _reserve_port("public", listeners.public.host, listeners.public.port),
+            _reserve_port("admin", listeners.admin.host, listeners.admin.port),
+        ]
+        ports = Ports(reserved[0].getsockname()[1], reserved[1].getsockname()[1])
+        port = ports.public
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self.workers = [self._start_worker(port) for _ in range(self.count)]
+        self.workers = [self._start_worker(ports) for _ in range(self.count)]
         if not self._await_ready():
             event = "stopped_during_startup" if self._stopping else "workers_failed_to_start"
             log.error(event, workers=self.count, port=port)
@@ -207,8 +239,14 @@ class Supervisor:
                 )
             return 1
         if self.ready_file is not None:
-            write_ready_file(self.ready_file, {"public": port})
-        log.info("supervisor_ready", workers=self.count, port=port, pid=os.getpid())
+            write_ready_file(self.ready_file, ports.as_dict())
+        log.info(
+            "supervisor_ready",
+            workers=self.count,
+            port=port,
+            admin_port=ports.admin,
+            pid=os.getpid(),
+        )
 
         while not self._stopping:
             wait([self._ready, *(worker.sentinel for worker in self.workers)], timeout=0.5)
@@ -216,10 +254,12 @@ class Supervisor:
                 self._ready.recv()
             for index, worker in enumerate(self.workers):
                 if not worker.is_alive() and not self._stopping:
-                    self.workers[index] = self._restart(worker, port)
+                    self.workers[index] = self._restart(worker, ports)
         return self._stop_all(reserved)
 
-    def _restart(self, dead: ForkProcess, port: int) -> ForkProcess:
+    def _restart(self, dead: ForkProcess, ports: Ports) -> ForkProcess:
+        if dead.pid is not None:
+            worker_exited(dead.pid)  # its live gauges (breaker states, budgets) leave the sums
         lived = time.monotonic() - self._started_at.pop(dead.pid or 0, 0.0)
         # A worker that dies right after starting would otherwise be restarted in a hot loop.
         self._restart_delay = (
@@ -234,9 +274,9 @@ class Supervisor:
         )
         if self._restart_delay:
             wait([], timeout=self._restart_delay)
-        return self._start_worker(port)
+        return self._start_worker(ports)
 
-    def _stop_all(self, reserved: socket.socket) -> int:
+    def _stop_all(self, reserved: list[socket.socket]) -> int:
         for worker in self.workers:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, signal.SIGTERM)
@@ -247,7 +287,8 @@ class Supervisor:
                 log.error("worker_killed_after_deadline", pid=worker.pid)
                 worker.kill()
                 worker.join()
-        reserved.close()
+        for sock in reserved:
+            sock.close()
         failed = [worker.exitcode for worker in self.workers if worker.exitcode != 0]
         log.info("supervisor_stopped", failed_workers=len(failed))
         return 0 if not failed else 1
@@ -260,11 +301,13 @@ def serve(config: Config, workers: int | None = None, ready_file: Path | None = 
     try:
         if count == 1:
 
-            def announce(port: int) -> None:
+            def announce(ports: Ports) -> None:
                 if ready_file is not None:
-                    write_ready_file(ready_file, {"public": port})
+                    write_ready_file(ready_file, ports.as_dict())
 
-            uvloop.run(run_worker(config, config.listeners.public.port, announce, False))
+            listeners = config.listeners
+            ports = Ports(listeners.public.port, listeners.admin.port)
+            uvloop.run(run_worker(config, ports, announce, False))
             return 0
         return Supervisor(config, count, ready_file).run()
     except StartupError as exc:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,19 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+async def wait_until_async(
+    condition: Callable[[], Awaitable[Any]], within_s: float = 10.0, what: str = "condition"
+) -> float:
+    """Poll an async ``condition`` until it holds; the wall-clock time it was first seen to."""
+    deadline = time.monotonic() + within_s
+    while True:
+        if await condition():
+            return time.time()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 @dataclass

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests.conftest import ServerProcess, Spawner
+
+# Admin API tokens of every test gateway (test-only values; the config holds their hashes).
+VIEWER_TOKEN = "test-viewer-token-0123456789abcdef"
+OPERATOR_TOKEN = "test-operator-token-0123456789abcdef"
+ADMIN_TOKENS = [
+    {
+        "name": "test-viewer",
+        "role": "viewer",
+        "sha256": hashlib.sha256(VIEWER_TOKEN.encode()).hexdigest(),
+    },
+    {
+        "name": "test-operator",
+        "role": "operator",
+        "sha256": hashlib.sha256(OPERATOR_TOKEN.encode()).hexdigest(),
+    },
+]
+LOCAL_LISTENERS = {
+    "public": {"host": "127.0.0.1", "port": 0},
+    "admin": {"host": "127.0.0.1", "port": 0},
+}
 
 
 def write_config(
@@ -17,8 +38,9 @@ def write_config(
     **top: Any,
 ) -> Path:
     config = {
-        "listeners": {"public": {"host": "127.0.0.1", "port": 0}},
+        "listeners": LOCAL_LISTENERS,
         "workers": 1,
+        "admin": {"tokens": ADMIN_TOKENS},
         "drain_deadline_s": 10,
         # An upstream is given as its list of endpoints, or whole.
         "upstreams": {

@@ -8,12 +8,14 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from resilgate.state.records import (
+    DEAD,
     FINISHED,
     UNFINISHED,
     AuditRecord,
     ForcedMode,
     JournalEntry,
     JournalState,
+    QueueStats,
     Verdict,
 )
 from resilgate.state.store import DuplicateTicket, StateStore, check_block_size, check_lease_ttl
@@ -33,11 +35,15 @@ class MemoryStore(StateStore):
         self._named_leases: dict[str, tuple[str, float]] = {}  # name -> (owner, until)
         self._finished_at: dict[str, float] = {}
         self._audit: list[AuditRecord] = []
+        self._docs: dict[tuple[str, str], tuple[bytes, float | None]] = {}  # -> (value, until)
         self._seq = 0
         self._changed = asyncio.Event()
 
     def __repr__(self) -> str:
-        return f"<MemoryStore {len(self._modes)} modes, {len(self._journal)} journal entries>"
+        return (
+            f"<MemoryStore {len(self._modes)} modes, {len(self._journal)} journal entries,"
+            f" {len(self._docs)} documents>"
+        )
 
     async def open(self) -> None:
         pass
@@ -178,6 +184,70 @@ class MemoryStore(StateStore):
             self._finished_at[ticket] = self._clock()
         return True
 
+    async def journal_stats(self) -> list[QueueStats]:
+        open_: dict[str, list[JournalEntry]] = {}
+        dead: dict[str, int] = {}
+        for entry in self._journal.values():
+            if entry.state in UNFINISHED:
+                open_.setdefault(entry.queue, []).append(entry)
+            elif entry.state in DEAD:
+                dead[entry.queue] = dead.get(entry.queue, 0) + 1
+        return [
+            QueueStats(
+                queue=queue,
+                open=len(open_.get(queue, [])),
+                oldest_open_at=_head(open_.get(queue, [])),
+                dead=dead.get(queue, 0),
+            )
+            for queue in sorted(open_.keys() | dead.keys())
+        ]
+
+    async def journal_reopen(self, ticket: str, detail: str) -> JournalEntry | None:
+        entry = self._journal.get(ticket)
+        if entry is None:
+            raise KeyError(ticket)
+        if entry.state not in DEAD:
+            return None
+        reopened = replace(entry, state="accepted", detail=detail)
+        self._journal[ticket] = reopened
+        self._finished_at.pop(ticket, None)
+        self._leases.pop(ticket, None)
+        return reopened
+
+    async def journal_discard(self, ticket: str, detail: str, now: float) -> JournalEntry | None:
+        entry = self._journal.get(ticket)
+        if entry is None:
+            raise KeyError(ticket)
+        holder = self._leases.get(ticket)
+        held = holder is not None and holder[1] > now
+        if not (entry.state in DEAD or (entry.state in UNFINISHED and not held)):
+            return None
+        discarded = replace(entry, state="discarded", detail=detail)
+        self._journal[ticket] = discarded
+        self._leases.pop(ticket, None)
+        self._finished_at[ticket] = self._clock()
+        return discarded
+
+    async def doc_put(self, kind: str, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        self._docs[kind, key] = (value, None if ttl_s is None else self._clock() + ttl_s)
+
+    async def doc_get(self, kind: str, key: str) -> bytes | None:
+        found = self._docs.get((kind, key))
+        if found is None or not _alive(found[1], self._clock()):
+            return None
+        return found[0]
+
+    async def doc_list(self, kind: str) -> dict[str, bytes]:
+        now = self._clock()
+        return {
+            key: value
+            for (of, key), (value, until) in self._docs.items()
+            if of == kind and _alive(until, now)
+        }
+
+    async def doc_delete(self, kind: str, key: str) -> None:
+        self._docs.pop((kind, key), None)
+
     async def audit_append(self, record: AuditRecord) -> None:
         self._audit.append(record)
 
@@ -195,6 +265,7 @@ class MemoryStore(StateStore):
         self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
         self._verdicts = {k: v for k, v in self._verdicts.items() if v.at >= now - verdict_keep_s}
         self._named_leases = {k: v for k, v in self._named_leases.items() if v[1] > now}
+        self._docs = {k: v for k, v in self._docs.items() if _alive(v[1], now)}
         return before - self._records()
 
     def _records(self) -> int:
@@ -204,4 +275,14 @@ class MemoryStore(StateStore):
             + len(self._cache)
             + len(self._verdicts)
             + len(self._named_leases)
+            + len(self._docs)
         )
+
+
+def _head(entries: list[JournalEntry]) -> float | None:
+    """The ``created_at`` of the first entry in acceptance order (the next one replayed)."""
+    return min(entries, key=lambda entry: entry.seq).created_at if entries else None
+
+
+def _alive(until: float | None, now: float) -> bool:
+    return until is None or until > now

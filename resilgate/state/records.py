@@ -9,8 +9,12 @@ import orjson
 
 ModeName = Literal["auto", "primary", "dr", "fallback", "maintenance"]
 BreakerState = Literal["closed", "open", "half_open"]
-JournalState = Literal["accepted", "replaying", "applied", "duplicate", "conflict", "failed"]
-FINISHED: frozenset[str] = frozenset({"applied", "duplicate", "conflict", "failed"})
+JournalState = Literal[
+    "accepted", "replaying", "applied", "duplicate", "conflict", "failed", "discarded"
+]
+FINISHED: frozenset[str] = frozenset({"applied", "duplicate", "conflict", "failed", "discarded"})
+# Finished, but for a person to look at (dead letters); ops may retry or discard them.
+DEAD: frozenset[str] = frozenset({"conflict", "failed"})
 UNFINISHED: frozenset[str] = frozenset({"accepted", "replaying"})
 
 
@@ -96,6 +100,16 @@ class JournalEntry(_JsonRecord):
         data = _known(cls, orjson.loads(raw))
         data["payload"] = data["payload"].encode("latin-1")
         return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """How far behind one journal queue is."""
+
+    queue: str
+    open: int  # accepted or replaying
+    oldest_open_at: float | None  # created_at of the queue's head: the open entry replayed next
+    dead: int  # conflict or failed
 
 
 @dataclass(frozen=True, slots=True)

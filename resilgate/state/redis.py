@@ -17,15 +17,22 @@ Layout under ``<namespace>:`` (one Redis, not Cluster: the Lua scripts touch key
   ``open:<queue>`` (both scored by seq), leases, and finish times in ``finished``. Lua
   scripts keep these consistent: append refuses a known ticket, a claim leases the head of
   one queue atomically across replicas (reading only that queue's ``open:<queue>``), trim
-  drops only finished entries;
+  drops only finished entries. For ``journal_stats``: the names of queues with entries in
+  ``queues``, dead letters per queue in ``dead:<queue>`` (scored by seq). ``indexed`` marks
+  those two built: on the first open after an upgrade from all entries, then by each trim from
+  the entries finished since the last one (an older replica still running does not keep them);
+- ``doc:<kind>:<key>``: a document, with PX when it has a time to live; ``docs:<kind>`` the
+  set of its keys, which doc_list and trim prune of the expired ones, ``docs`` the kinds
+  (a ``:`` or ``%`` in a kind is percent-escaped, so keys of different kinds never meet);
 - ``audit``: a sorted set scored by the record's time.
 
 Every call is bounded by ``op_timeout_s``; whatever goes wrong becomes StoreUnavailable.
 Journal entries that cannot reach Redis go to a local :class:`Spool` and are acknowledged;
 a background task moves them to Redis, in order, when it is back. ``journal_list`` shows
-Redis only, so spooled entries appear there once moved; ``journal_get`` also looks in the
-spool. A spooled entry is returned with ``seq`` 0 (it gets its seq when moved), and a
-ticket already in Redis is only recognised then: the spooled copy is dropped as a duplicate.
+Redis only, so spooled entries appear there (and in ``journal_stats``) once moved;
+``journal_get`` also looks in the spool. A spooled entry is returned with ``seq`` 0 (it gets
+its seq when moved), and a ticket already in Redis is only recognised then: the spooled copy
+is dropped as a duplicate.
 """
 
 from __future__ import annotations
@@ -50,11 +57,12 @@ from redis.retry import Retry
 
 from resilgate.logs import get_logger
 from resilgate.state.records import (
-    FINISHED,
+    DEAD,
     AuditRecord,
     ForcedMode,
     JournalEntry,
     JournalState,
+    QueueStats,
     Verdict,
 )
 from resilgate.state.spool import Spool
@@ -77,17 +85,23 @@ MAX_CONNECTIONS = 32  # per process
 CLOSE_DRAIN_S = 2.0
 OPEN_STATES = ("accepted", "replaying")
 EXPIRY = struct.Struct(">d")
+# How far before the last trim the next one looks for dead letters it has not indexed: a
+# finish time comes from the finishing replica's clock, which may be behind ours.
+INDEX_MARGIN_S = 300.0
 
 # KEYS of every journal script, in this order. A queue's open set is derived from ``open``.
 JOURNAL_KEYS = (
     "data", "state", "detail", "order", "open", "seq", "lease_owner", "lease_until", "finished",
-    "queue",
+    "queue", "dead", "queues", "indexed",
 )  # fmt: skip
 
-# The open set of the ticket's queue.
+# The open and dead sets of the ticket's queue.
 QUEUE_LUA = """
 local function queue_open(t)
   return KEYS[5] .. ':' .. (redis.call('HGET', KEYS[10], t) or '')
+end
+local function queue_dead(t)
+  return KEYS[11] .. ':' .. (redis.call('HGET', KEYS[10], t) or '')
 end
 """
 
@@ -103,7 +117,7 @@ local function push_row(out, t)
 end
 """
 
-# ARGV: ticket, entry, state, detail, '1' if unfinished, queue.
+# ARGV: ticket, entry, state, detail, the state's group ('open', 'dead' or 'finished'), queue.
 APPEND_LUA = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 local seq = redis.call('INCR', KEYS[6])
@@ -111,9 +125,12 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
 redis.call('HSET', KEYS[10], ARGV[1], ARGV[6])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
-if ARGV[5] == '1' then
+redis.call('SADD', KEYS[12], ARGV[6])
+if ARGV[5] == 'open' then
   redis.call('ZADD', KEYS[5], seq, ARGV[1])
   redis.call('ZADD', KEYS[5] .. ':' .. ARGV[6], seq, ARGV[1])
+elseif ARGV[5] == 'dead' then
+  redis.call('ZADD', KEYS[11] .. ':' .. ARGV[6], seq, ARGV[1])
 end
 return seq
 """
@@ -192,7 +209,7 @@ redis.call('HSET', KEYS[3], t, ARGV[3])
 return 1
 """
 
-# ARGV: ticket, state, detail, '1' if finished, now, owner.
+# ARGV: ticket, state, detail, the state's group ('open', 'dead' or 'finished'), now, owner.
 FINISH_LUA = (
     QUEUE_LUA
     + """
@@ -205,10 +222,13 @@ redis.call('HSET', KEYS[2], t, ARGV[2])
 redis.call('HSET', KEYS[3], t, ARGV[3])
 redis.call('HDEL', KEYS[7], t)
 redis.call('HDEL', KEYS[8], t)
-if ARGV[4] == '1' then
+if ARGV[4] ~= 'open' then
   redis.call('ZREM', KEYS[5], t)
   redis.call('ZREM', queue_open(t), t)
   redis.call('ZADD', KEYS[9], ARGV[5], t)
+  if ARGV[4] == 'dead' then
+    redis.call('ZADD', queue_dead(t), redis.call('ZSCORE', KEYS[4], t), t)
+  end
 else
   local seq = redis.call('ZSCORE', KEYS[4], t)
   redis.call('ZADD', KEYS[5], seq, t)
@@ -219,6 +239,115 @@ return 1
 """
 )
 
+# ARGV: ticket, detail. A dead letter back to accepted, at its old place in its queue.
+REOPEN_LUA = (
+    QUEUE_LUA
+    + ROW_LUA
+    + """
+local t = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], t) == 0 then return 0 end
+local state = redis.call('HGET', KEYS[2], t)
+if state ~= 'conflict' and state ~= 'failed' then return -1 end
+local seq = redis.call('ZSCORE', KEYS[4], t)
+redis.call('HSET', KEYS[2], t, 'accepted')
+redis.call('HSET', KEYS[3], t, ARGV[2])
+redis.call('HDEL', KEYS[7], t)
+redis.call('HDEL', KEYS[8], t)
+redis.call('ZREM', KEYS[9], t)
+redis.call('ZREM', queue_dead(t), t)
+redis.call('ZADD', KEYS[5], seq, t)
+redis.call('ZADD', queue_open(t), seq, t)
+local out = {}
+push_row(out, t)
+return out
+"""
+)
+
+# ARGV: ticket, detail, now, finish time. Only a dead letter, or an open entry nobody holds
+# an unexpired lease on (judged by the caller's ``now``), in the one script with the write.
+DISCARD_LUA = (
+    QUEUE_LUA
+    + ROW_LUA
+    + """
+local t = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], t) == 0 then return 0 end
+local state = redis.call('HGET', KEYS[2], t)
+if state == 'accepted' or state == 'replaying' then
+  local until_ = redis.call('HGET', KEYS[8], t)
+  if redis.call('HGET', KEYS[7], t) and until_ and tonumber(until_) > tonumber(ARGV[3]) then
+    return -1
+  end
+elseif state ~= 'conflict' and state ~= 'failed' then
+  return -1
+end
+redis.call('HSET', KEYS[2], t, 'discarded')
+redis.call('HSET', KEYS[3], t, ARGV[2])
+redis.call('HDEL', KEYS[7], t)
+redis.call('HDEL', KEYS[8], t)
+redis.call('ZREM', KEYS[5], t)
+redis.call('ZREM', queue_open(t), t)
+redis.call('ZREM', queue_dead(t), t)
+redis.call('ZADD', KEYS[9], ARGV[4], t)
+local out = {}
+push_row(out, t)
+return out
+"""
+)
+
+# Per known queue with open or dead entries: name, open count, dead count, the head's entry
+# ('' when none is open). Reads two counts and one entry per queue, whatever the backlog.
+STATS_LUA = """
+local out = {}
+for _, q in ipairs(redis.call('SMEMBERS', KEYS[12])) do
+  local open = redis.call('ZCARD', KEYS[5] .. ':' .. q)
+  local dead = redis.call('ZCARD', KEYS[11] .. ':' .. q)
+  if open > 0 or dead > 0 then
+    local head = redis.call('ZRANGE', KEYS[5] .. ':' .. q, 0, 0)[1]
+    out[#out + 1] = q
+    out[#out + 1] = open
+    out[#out + 1] = dead
+    out[#out + 1] = head and redis.call('HGET', KEYS[1], head) or ''
+  end
+end
+return out
+"""
+
+# ARGV: 'open' or 'trim', now, margin. Builds ``queues`` and ``dead:<queue>`` from the open
+# entries and those finished since the last run (less the margin), or from all on the first
+# run; 'open' does nothing once built. Drops what no longer belongs: entries no longer dead,
+# queues with nothing open or dead.
+INDEX_LUA = """
+local from = '-inf'
+local mark = redis.call('GET', KEYS[13])
+if mark then
+  if ARGV[1] == 'open' then return 0 end
+  from = tostring(tonumber(mark) - tonumber(ARGV[3]))
+end
+for _, t in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  redis.call('SADD', KEYS[12], redis.call('HGET', KEYS[10], t) or '')
+end
+for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], from, '+inf')) do
+  local state = redis.call('HGET', KEYS[2], t)
+  if state == 'conflict' or state == 'failed' then
+    local q = redis.call('HGET', KEYS[10], t) or ''
+    redis.call('SADD', KEYS[12], q)
+    redis.call('ZADD', KEYS[11] .. ':' .. q, redis.call('ZSCORE', KEYS[4], t), t)
+  end
+end
+for _, q in ipairs(redis.call('SMEMBERS', KEYS[12])) do
+  local dead = KEYS[11] .. ':' .. q
+  for _, t in ipairs(redis.call('ZRANGE', dead, 0, -1)) do
+    local state = redis.call('HGET', KEYS[2], t)
+    if state ~= 'conflict' and state ~= 'failed' then redis.call('ZREM', dead, t) end
+  end
+  if redis.call('ZCARD', dead) == 0 and redis.call('ZCARD', KEYS[5] .. ':' .. q) == 0 then
+    redis.call('SREM', KEYS[12], q)
+  end
+end
+redis.call('SET', KEYS[13], ARGV[2])
+return 1
+"""
+
 # KEYS: the journal's, then audit, cache expiry index, sizes, total. ARGV: journal cutoff,
 # audit cutoff, now.
 TRIM_LUA = (
@@ -227,6 +356,7 @@ TRIM_LUA = (
 local removed = 0
 for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', '(' .. ARGV[1])) do
   redis.call('ZREM', queue_open(t), t)
+  redis.call('ZREM', queue_dead(t), t)
   for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[7], KEYS[8], KEYS[10]}) do
     redis.call('HDEL', k, t)
   end
@@ -235,14 +365,14 @@ for _, t in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', '(' .. ARGV[1]))
   removed = removed + 1
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', '(' .. ARGV[1])
-removed = removed + redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', '(' .. ARGV[2])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[12], '-inf', ARGV[3])
+removed = removed + redis.call('ZREMRANGEBYSCORE', KEYS[14], '-inf', '(' .. ARGV[2])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[15], '-inf', ARGV[3])
 for _, k in ipairs(expired) do
   redis.call('DEL', k)
-  redis.call('DECRBY', KEYS[14], redis.call('HGET', KEYS[13], k) or '0')
-  redis.call('HDEL', KEYS[13], k)
+  redis.call('DECRBY', KEYS[17], redis.call('HGET', KEYS[16], k) or '0')
+  redis.call('HDEL', KEYS[16], k)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', ARGV[3])
 return removed + #expired
 """
 )
@@ -302,6 +432,32 @@ RELEASE_LUA = """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then redis.call('DEL', KEYS[1]) end
 """
 
+# KEYS: the kinds. ARGV: the prefix of a kind's index set, of its documents, and a kind, or
+# '*' for every kind. Prunes the index of keys Redis has expired (and drops a kind left with
+# none); returns a kind's values as (key, value)*, then how many keys were pruned.
+DOCS_LUA = """
+local listing = ARGV[3] ~= '*'
+local kinds = {ARGV[3]}
+if not listing then kinds = redis.call('SMEMBERS', KEYS[1]) end
+local out, pruned = {}, 0
+for _, kind in ipairs(kinds) do
+  local index = ARGV[1] .. kind
+  for _, key in ipairs(redis.call('SMEMBERS', index)) do
+    local value = redis.call('GET', ARGV[2] .. kind .. ':' .. key)
+    if not value then
+      redis.call('SREM', index, key)
+      pruned = pruned + 1
+    elseif listing then
+      out[#out + 1] = key
+      out[#out + 1] = value
+    end
+  end
+  if redis.call('SCARD', index) == 0 then redis.call('SREM', KEYS[1], kind) end
+end
+out[#out + 1] = pruned
+return out
+"""
+
 AUDIT_APPEND_LUA = """
 local n = redis.call('INCR', KEYS[2])
 redis.call('ZADD', KEYS[1], ARGV[1], string.format('%020d', n) .. ARGV[2])
@@ -350,6 +506,7 @@ class RedisStore(StateStore):
         self._audit = f"{ns}:audit"
         self._audit_seq = f"{ns}:audit:seq"
         self._journal_keys = [f"{ns}:journal:{name}" for name in JOURNAL_KEYS]
+        self._doc_kinds = f"{ns}:docs"
 
     def __repr__(self) -> str:
         health = "reachable" if self.reachable else f"UNREACHABLE ({self.last_error})"
@@ -381,6 +538,11 @@ class RedisStore(StateStore):
         self._claim = client.register_script(CLAIM_LUA)
         self._note = client.register_script(NOTE_LUA)
         self._finish = client.register_script(FINISH_LUA)
+        self._reopen = client.register_script(REOPEN_LUA)
+        self._discard = client.register_script(DISCARD_LUA)
+        self._stats = client.register_script(STATS_LUA)
+        self._index = client.register_script(INDEX_LUA)
+        self._docs = client.register_script(DOCS_LUA)
         self._trim = client.register_script(TRIM_LUA)
         self._audit_append = client.register_script(AUDIT_APPEND_LUA)
         self._lease = client.register_script(LEASE_LUA)
@@ -389,8 +551,9 @@ class RedisStore(StateStore):
         self._cache_bytes = client.register_script(CACHE_BYTES_LUA)
         try:
             self._pubsub = await self._subscribe()
+            await self._build_index("open")
         except StoreUnavailable:
-            pass  # the watcher keeps trying
+            pass  # the watcher keeps trying (and the next trim builds the index)
         except BaseException:
             await self.close()
             raise
@@ -606,12 +769,95 @@ class RedisStore(StateStore):
     async def journal_finish(
         self, ticket: str, owner: str, state: JournalState, detail: str
     ) -> bool:
-        finished = "1" if state in FINISHED else "0"
-        args = [ticket, state, detail, finished, repr(self._clock()), owner]
+        args = [ticket, state, detail, _group(state), repr(self._clock()), owner]
         outcome = await self._call(lambda: self._finish(keys=self._journal_keys, args=args))
         if outcome == 0:
             raise KeyError(ticket)
         return bool(outcome == 1)
+
+    async def journal_stats(self) -> list[QueueStats]:
+        rows = await self._call(lambda: self._stats(keys=self._journal_keys))
+        stats = [
+            QueueStats(
+                queue=_text(queue),
+                open=int(open_),
+                oldest_open_at=JournalEntry.from_json(head).created_at if head else None,
+                dead=int(dead),
+            )
+            for queue, open_, dead, head in _batched(rows, 4)
+        ]
+        return sorted(stats, key=lambda queue: queue.queue)
+
+    async def journal_reopen(self, ticket: str, detail: str) -> JournalEntry | None:
+        args = [ticket, detail]
+        outcome = await self._call(lambda: self._reopen(keys=self._journal_keys, args=args))
+        return await self._changed_entry(outcome, ticket)
+
+    async def journal_discard(self, ticket: str, detail: str, now: float) -> JournalEntry | None:
+        args = [ticket, detail, repr(now), repr(self._clock())]
+        outcome = await self._call(lambda: self._discard(keys=self._journal_keys, args=args))
+        return await self._changed_entry(outcome, ticket)
+
+    async def _changed_entry(self, outcome: Any, ticket: str) -> JournalEntry | None:
+        """The entry an ops script returned; None if it refused; KeyError if unknown."""
+        if outcome == 0:
+            if await self._spool.get(ticket) is not None:
+                raise StoreUnavailable(f"journal entry {ticket} is not yet moved from the spool")
+            raise KeyError(ticket)
+        if outcome == -1:
+            return None
+        return _entries(outcome)[0]
+
+    async def _build_index(self, mode: str) -> None:
+        args: list[str | float] = [mode, repr(self._clock()), INDEX_MARGIN_S]
+        await self._call(lambda: self._index(keys=self._journal_keys, args=args))
+
+    # Documents.
+
+    async def doc_put(self, kind: str, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        name, index = self._doc_names(kind, key)
+
+        async def put() -> None:
+            async with self._redis().pipeline(transaction=True) as pipe:
+                if ttl_s is None:
+                    pipe.set(name, value)
+                else:
+                    pipe.set(name, value, px=max(1, math.ceil(ttl_s * 1000)))
+                pipe.sadd(index, key)
+                pipe.sadd(self._doc_kinds, _escaped(kind))
+                await pipe.execute()
+
+        await self._call(put)
+
+    async def doc_get(self, kind: str, key: str) -> bytes | None:
+        name, _ = self._doc_names(kind, key)
+        return cast(bytes | None, await self._call(lambda: self._redis().get(name)))
+
+    async def doc_list(self, kind: str) -> dict[str, bytes]:
+        *rows, _ = await self._prune_docs(_escaped(kind))
+        return {_text(key): value for key, value in _batched(rows, 2)}
+
+    async def doc_delete(self, kind: str, key: str) -> None:
+        name, index = self._doc_names(kind, key)
+
+        async def delete() -> None:
+            async with self._redis().pipeline(transaction=True) as pipe:
+                pipe.delete(name)
+                pipe.srem(index, key)
+                await pipe.execute()
+
+        await self._call(delete)
+
+    async def _prune_docs(self, kind: str) -> list[Any]:
+        """Run the documents script for one kind, or '*' for all."""
+        args = [f"{self.namespace}:docs:", f"{self.namespace}:doc:", kind]
+        rows: list[Any] = await self._call(lambda: self._docs(keys=[self._doc_kinds], args=args))
+        return rows
+
+    def _doc_names(self, kind: str, key: str) -> tuple[str, str]:
+        """The document's key and its kind's index set."""
+        kind = _escaped(kind)
+        return f"{self.namespace}:doc:{kind}:{key}", f"{self.namespace}:docs:{kind}"
 
     # Audit and retention.
 
@@ -634,6 +880,8 @@ class RedisStore(StateStore):
         keys = [*self._journal_keys, self._audit, *self._cache_sizes]
         args = [repr(now - journal_keep_s), repr(now - audit_keep_s), repr(now)]
         removed: int = await self._call(lambda: self._trim(keys=keys, args=args))
+        await self._build_index("trim")
+        removed += int((await self._prune_docs("*"))[-1])
         stale = [
             f"{v.endpoint}|{v.replica}"
             for v in await self.load_verdicts()
@@ -681,13 +929,12 @@ class RedisStore(StateStore):
     async def _append_to(self, client: Any, entry: JournalEntry) -> int:
         """Run the append script on ``client`` (the Redis client or a pipeline)."""
         data = replace(entry, state="accepted", detail="", seq=0).to_json()
-        opened = "1" if entry.state in OPEN_STATES else "0"
         args: list[str | bytes] = [
             entry.ticket,
             data,
             entry.state,
             entry.detail,
-            opened,
+            _group(entry.state),
             entry.queue,
         ]
         seq: int = await self._append(keys=self._journal_keys, args=args, client=client)
@@ -784,6 +1031,23 @@ class RedisStore(StateStore):
 
 async def _close(pubsub: PubSub) -> None:
     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _batched(rows: list[Any], size: int) -> list[list[Any]]:
+    """A flat script reply as its records (itertools.batched is Python 3.12)."""
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def _group(state: str) -> str:
+    """How the journal scripts are told which sets an entry in ``state`` belongs in."""
+    if state in OPEN_STATES:
+        return "open"
+    return "dead" if state in DEAD else "finished"
+
+
+def _escaped(kind: str) -> str:
+    """A document kind as a key segment: no ``:`` in it, so (kind, key) pairs never meet."""
+    return kind.replace("%", "%25").replace(":", "%3A")
 
 
 def _text(value: bytes | str) -> str:

@@ -26,6 +26,7 @@ from resilgate.state.records import (
     ForcedMode,
     JournalEntry,
     JournalState,
+    QueueStats,
     Verdict,
 )
 from resilgate.state.store import (
@@ -89,15 +90,23 @@ CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, target TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+CREATE TABLE IF NOT EXISTS docs (
+    kind TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, expires_at REAL,
+    PRIMARY KEY (kind, key));
+CREATE INDEX IF NOT EXISTS docs_expiry ON docs (expires_at) WHERE expires_at IS NOT NULL;
 {_CHANGE_TRIGGERS}
 COMMIT;
 """
 
-# A journal created before queues existed lacks the column; the index serves journal_claim.
+# A journal created before queues existed lacks the column. The indexes on it, created after
+# the column: the open one serves journal_claim and journal_stats; the dead one lets
+# journal_stats count dead letters without reading the finished entries.
 _ADD_QUEUE = "ALTER TABLE journal ADD COLUMN queue TEXT NOT NULL DEFAULT ''"
-_QUEUE_INDEX = (
+_QUEUE_INDEXES = (
     "CREATE INDEX IF NOT EXISTS journal_queue_open ON journal (queue, seq)"
-    " WHERE state IN ('accepted', 'replaying')"
+    " WHERE state IN ('accepted', 'replaying')",
+    "CREATE INDEX IF NOT EXISTS journal_queue_dead ON journal (queue)"
+    " WHERE state IN ('conflict', 'failed')",
 )
 
 # The journal's columns in JournalEntry's field order: a row is _entry(row).
@@ -390,6 +399,71 @@ class SqliteStore(StateStore):
             raise KeyError(ticket)
         return False
 
+    async def journal_stats(self) -> list[QueueStats]:
+        # Each half reads one partial index. The bare created_at comes from the row whose seq
+        # is min(seq): SQLite's documented rule for a bare column beside min().
+        rows = await self._query(
+            "SELECT queue, sum(open), max(oldest), sum(dead) FROM ("
+            " SELECT queue, count(*) AS open, min(seq), created_at AS oldest, 0 AS dead"
+            " FROM journal WHERE state IN ('accepted', 'replaying') GROUP BY queue"
+            " UNION ALL SELECT queue, 0, NULL, NULL, count(*)"
+            " FROM journal WHERE state IN ('conflict', 'failed') GROUP BY queue"
+            ") GROUP BY queue ORDER BY queue"
+        )
+        return [
+            QueueStats(queue, open_, None if oldest is None else float(oldest), dead)
+            for queue, open_, oldest, dead in rows
+        ]
+
+    async def journal_reopen(self, ticket: str, detail: str) -> JournalEntry | None:
+        rows = await self._query(
+            "UPDATE journal SET state = 'accepted', detail = ?, finished_at = NULL,"
+            " lease_owner = NULL, lease_until = NULL"
+            f" WHERE ticket = ? AND state IN ('conflict', 'failed') RETURNING {_JOURNAL_COLUMNS}",
+            (detail, ticket),
+        )
+        return await self._updated(rows, ticket)
+
+    async def journal_discard(self, ticket: str, detail: str, now: float) -> JournalEntry | None:
+        rows = await self._query(
+            "UPDATE journal SET state = 'discarded', detail = :detail, finished_at = :finished,"
+            " lease_owner = NULL, lease_until = NULL WHERE ticket = :ticket"
+            " AND (state IN ('conflict', 'failed') OR (state IN ('accepted', 'replaying')"
+            " AND (lease_until IS NULL OR lease_until <= :now)))"
+            f" RETURNING {_JOURNAL_COLUMNS}",
+            {"detail": detail, "finished": self._clock(), "ticket": ticket, "now": now},
+        )
+        return await self._updated(rows, ticket)
+
+    async def _updated(self, rows: list[sqlite3.Row], ticket: str) -> JournalEntry | None:
+        """The entry a journal update returned, None if it changed nothing; KeyError if the
+        ticket is unknown."""
+        return _entry(rows[0]) if await self._applied(rows, ticket) else None
+
+    async def doc_put(self, kind: str, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        expires_at = None if ttl_s is None else self._clock() + ttl_s
+        await self._query(
+            "INSERT OR REPLACE INTO docs VALUES (?, ?, ?, ?)", (kind, key, value, expires_at)
+        )
+
+    async def doc_get(self, kind: str, key: str) -> bytes | None:
+        rows = await self._query(
+            "SELECT value FROM docs WHERE kind = ? AND key = ?"
+            " AND (expires_at IS NULL OR expires_at > ?)",
+            (kind, key, self._clock()),
+        )
+        return rows[0][0] if rows else None
+
+    async def doc_list(self, kind: str) -> dict[str, bytes]:
+        rows = await self._query(
+            "SELECT key, value FROM docs WHERE kind = ? AND (expires_at IS NULL OR expires_at > ?)",
+            (kind, self._clock()),
+        )
+        return {key: value for key, value in rows}
+
+    async def doc_delete(self, kind: str, key: str) -> None:
+        await self._query("DELETE FROM docs WHERE kind = ? AND key = ?", (kind, key))
+
     async def audit_append(self, record: AuditRecord) -> None:
         await self._query(
             "INSERT INTO audit (at, actor, action, target, reason, detail)"
@@ -416,6 +490,7 @@ class SqliteStore(StateStore):
         )
         gone += await self._query("DELETE FROM cache WHERE expires_at <= ? RETURNING 1", (now,))
         gone += await self._query("DELETE FROM leases WHERE expires_at <= ? RETURNING 1", (now,))
+        gone += await self._query("DELETE FROM docs WHERE expires_at <= ? RETURNING 1", (now,))
         gone += await self._query(
             "DELETE FROM verdicts WHERE at < ? RETURNING 1", (now - verdict_keep_s,)
         )
@@ -467,7 +542,8 @@ class SqliteStore(StateStore):
             columns = {row[1] for row in await db.execute_fetchall("PRAGMA table_info(journal)")}
             if "queue" not in columns:
                 await db.execute(_ADD_QUEUE)
-            await db.execute(_QUEUE_INDEX)
+            for index in _QUEUE_INDEXES:
+                await db.execute(index)
             await db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"sqlite {self._path}: cannot create schema: {exc}") from exc

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from resilgate.state.records import AuditRecord, ForcedMode, JournalEntry, JournalState, Verdict
+from resilgate.state.records import (
+    AuditRecord,
+    ForcedMode,
+    JournalEntry,
+    JournalState,
+    QueueStats,
+    Verdict,
+)
 
 
 class StoreUnavailable(Exception):
@@ -165,6 +172,46 @@ class StateStore(ABC):
         result). KeyError for an unknown ticket.
         """
 
+    @abstractmethod
+    async def journal_stats(self) -> list[QueueStats]:
+        """Per queue that has open or dead entries: their counts and the ``created_at`` of the
+        queue's head (the open entry replayed next); sorted by queue name."""
+
+    @abstractmethod
+    async def journal_reopen(self, ticket: str, detail: str) -> JournalEntry | None:
+        """Ops' retry of a dead letter: a ``conflict`` or ``failed`` entry goes back to
+        ``accepted`` with ``detail``, keeping its ``seq`` (so it is the next one replayed in its
+        queue) and no lease. Returns the updated entry, or None if it was in another state.
+        KeyError for an unknown ticket."""
+
+    @abstractmethod
+    async def journal_discard(self, ticket: str, detail: str, now: float) -> JournalEntry | None:
+        """Ops' decision that an entry must never be replayed: finished as ``discarded`` with
+        ``detail``. Allowed from ``conflict`` and ``failed``, and from ``accepted`` or
+        ``replaying`` only while nobody holds an unexpired lease on it (at ``now``); returns the
+        updated entry, or None when not allowed. KeyError for an unknown ticket."""
+
+    # Shared documents: small values by kind and key, each with an optional time to live. For
+    # fleet-wide facts that are not modes or verdicts (traffic summaries, the incident level,
+    # drills). Not changes: wait_for_change does not report them.
+
+    @abstractmethod
+    async def doc_put(self, kind: str, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        """Store ``value`` under (``kind``, ``key``), replacing what was there; it disappears
+        ``ttl_s`` seconds from now (never when None)."""
+
+    @abstractmethod
+    async def doc_get(self, kind: str, key: str) -> bytes | None:
+        """The value, or None if there is none or it has expired."""
+
+    @abstractmethod
+    async def doc_list(self, kind: str) -> dict[str, bytes]:
+        """Every unexpired value of ``kind`` by key."""
+
+    @abstractmethod
+    async def doc_delete(self, kind: str, key: str) -> None:
+        """Remove the value if there is one."""
+
     # Audit log.
 
     @abstractmethod
@@ -182,4 +229,4 @@ class StateStore(ABC):
     ) -> int:
         """Drop audit records, finished journal entries and breaker verdicts older than their
         retention (a replica that is gone leaves verdicts nobody updates), and expired cache
-        entries and leases (Redis expires its own); return how many records went."""
+        entries, documents and leases (Redis expires its own); return how many records went."""

@@ -365,3 +365,95 @@ async def test_spool_of_a_worker_that_does_not_come_back_is_drained(
     listed = [e.ticket for e in await only.journal_list()]
     assert sorted(listed) == ["A-0", "A-1", "A-2", "B-0", "B-1", "B-2"]
     assert listed.index("B-0") < listed.index("B-1") < listed.index("B-2")
+
+
+async def test_documents_expire_in_redis_and_their_index_is_pruned(
+    redis_server: RedisServer, open_store: OpenStore
+) -> None:
+    store = await open_store(redis_server.url)
+    ns = store.namespace
+    raw = Redis.from_url(redis_server.url)
+    try:
+        await store.doc_put("traffic", "gw-a/1", b"a", ttl_s=30)
+        await store.doc_put("traffic", "gw-b/2", b"b")
+        await store.doc_put("drill", "d-1", b"d", ttl_s=0.05)
+        assert 0 < await raw.pttl(f"{ns}:doc:traffic:gw-a/1") <= 30_000
+        assert await raw.pttl(f"{ns}:doc:traffic:gw-b/2") == -1  # no time to live: kept
+        assert await raw.smembers(f"{ns}:docs") == {b"traffic", b"drill"}
+
+        async def expired() -> bool:
+            return await raw.exists(f"{ns}:doc:drill:d-1") == 0
+
+        await eventually(expired, 5, "Redis to expire the document (PX)")
+        assert await raw.smembers(f"{ns}:docs:drill") == {b"d-1"}  # until someone prunes it
+        assert await store.doc_list("drill") == {}
+        assert await raw.exists(f"{ns}:docs:drill") == 0
+        assert await raw.smembers(f"{ns}:docs") == {b"traffic"}  # no keys left: kind dropped
+        await store.doc_put("traffic", "gw-a/1", b"a2", ttl_s=0.05)
+        await eventually(lambda: _gone(raw, f"{ns}:doc:traffic:gw-a/1"), 5, "the second expiry")
+        assert await store.trim(time.time(), 3600, 3600, 3600) == 1  # trim prunes every kind
+        assert await raw.smembers(f"{ns}:docs:traffic") == {b"gw-b/2"}
+        assert await store.doc_list("traffic") == {"gw-b/2": b"b"}
+    finally:
+        await raw.aclose()
+
+
+async def _gone(raw: Redis, name: str) -> bool:
+    return await raw.exists(name) == 0
+
+
+async def _stats(store: RedisStore) -> dict[str, tuple[int, int]]:
+    return {s.queue: (s.open, s.dead) for s in await store.journal_stats()}
+
+
+async def test_the_queue_stats_index_is_built_for_an_older_journal_and_kept_by_trim(
+    redis_server: RedisServer, open_store: OpenStore
+) -> None:
+    first = await open_store(redis_server.url, "gw-a")
+    for ticket, queue in [("H-0", "his"), ("H-1", "his"), ("I-0", "insurance"), ("L-0", "lab")]:
+        await first.journal_append(entry(ticket, queue))
+    for queue in ("his", "insurance"):
+        await first.journal_claim(queue, "gw-a", limit=1, lease_s=30)
+    assert await first.journal_finish("H-0", "gw-a", "failed", "422")
+    assert await first.journal_finish("I-0", "gw-a", "conflict", "409")
+    ns = first.namespace
+    raw = Redis.from_url(redis_server.url)
+    try:
+        # What the previous version left: no queue names, dead sets or mark.
+        index = [f"{ns}:journal:{name}" for name in ("queues", "indexed", "dead:his")]
+        await raw.delete(*index, f"{ns}:journal:dead:insurance")
+        second = await open_store(redis_server.url, "gw-b")  # builds it on open
+        expected = {"his": (1, 1), "insurance": (0, 1), "lab": (1, 0)}
+        assert await _stats(second) == expected
+        # An older replica still running finishes a dead letter without indexing it, and its
+        # trim drops an entry without taking it from the dead set.
+        await first.journal_claim("his", "gw-a", limit=1, lease_s=30)
+        assert await first.journal_finish("H-1", "gw-a", "failed", "500")
+        await raw.zrem(f"{ns}:journal:dead:his", "H-1")
+        await raw.zadd(f"{ns}:journal:dead:lab", {"L-gone": 99})
+        assert await _stats(second) == {"his": (0, 1), "insurance": (0, 1), "lab": (1, 1)}
+        await second.trim(time.time(), 3600, 3600, 3600)
+        assert await _stats(second) == {"his": (0, 2), "insurance": (0, 1), "lab": (1, 0)}
+        assert await second.journal_discard("I-0", "ops", time.time()) is not None
+        await second.trim(time.time(), 3600, 3600, 3600)  # a queue with nothing left goes
+        assert await raw.smembers(f"{ns}:journal:queues") == {b"his", b"lab"}
+    finally:
+        await raw.aclose()
+
+
+async def test_a_spooled_entry_is_discarded_once_it_reached_redis(
+    redis_factory: Callable[..., RedisServer], open_store: OpenStore
+) -> None:
+    server = redis_factory()  # down: the append is spooled
+    store = await open_store(server.url)
+    await store.journal_append(entry("J-0"))
+    with pytest.raises(StoreUnavailable):  # not KeyError: the entry exists
+        await store.journal_discard("J-0", "ops", time.time())
+    await asyncio.to_thread(server.start)
+    await eventually(lambda: _spool_empty(store), 10, "the spool to drain")
+    assert await _stats(store) == {"his": (1, 0)}  # the move indexed its queue
+    discarded = await store.journal_discard("J-0", "ops", time.time())
+    assert discarded is not None and discarded.state == "discarded"
+    assert await _stats(store) == {}
+    with pytest.raises(KeyError):
+        await store.journal_reopen("J-9", "")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from resilgate.state.records import AuditRecord, ForcedMode, JournalEntry, Verdict
+from resilgate.state.records import AuditRecord, ForcedMode, JournalEntry, QueueStats, Verdict
 from resilgate.state.store import DuplicateTicket, StateStore
+from tests.conftest import wait_until_async
 
 # Leases are judged by the time the caller passes, so these tests pass fixed ones.
 NOW = 1_767_225_600.0
@@ -411,3 +412,210 @@ async def test_trim_keeps_unfinished_journal_entries(store: StateStore) -> None:
     assert [v.replica for v in await store.load_verdicts()] == ["gw-live"]
     assert [r.target for r in await store.audit_list()] == ["new"]
     assert [e.ticket for e in await store.journal_list()] == ["J-open"]
+
+
+async def test_journal_stats_count_open_and_dead_entries_per_queue(store: StateStore) -> None:
+    assert await store.journal_stats() == []
+    for n, created_at in enumerate([10.0, 20.0, 30.0]):
+        await store.journal_append(entry(f"H-{n}", created_at))
+    await store.journal_append(entry("I-0", 5.0, queue="insurance"))
+    assert await store.journal_stats() == [
+        QueueStats("his", open=3, oldest_open_at=10.0, dead=0),
+        QueueStats("insurance", open=1, oldest_open_at=5.0, dead=0),
+    ]
+    assert len(await store.journal_claim("his", "gw-a", limit=2, lease_s=30)) == 2
+    assert await store.journal_finish("H-0", "gw-a", "applied", "201")
+    assert await store.journal_note("H-1", "gw-a", "sent")  # replaying is still open
+    assert tickets(await store.journal_claim("insurance", "gw-b", 1, lease_s=30)) == ["I-0"]
+    assert await store.journal_finish("I-0", "gw-b", "conflict", "settled elsewhere")
+    assert await store.journal_stats() == [
+        QueueStats("his", open=2, oldest_open_at=20.0, dead=0),
+        QueueStats("insurance", open=0, oldest_open_at=None, dead=1),
+    ]
+    assert await store.journal_finish("H-1", "gw-a", "failed", "422")
+    assert await store.journal_stats() == [
+        QueueStats("his", open=1, oldest_open_at=30.0, dead=1),
+        QueueStats("insurance", open=0, oldest_open_at=None, dead=1),
+    ]
+    assert await store.journal_reopen("H-1", "ops: retry") is not None
+    assert await store.journal_discard("I-0", "ops: paid at the desk", NOW) is not None
+    assert await store.journal_stats() == [QueueStats("his", open=2, oldest_open_at=20.0, dead=0)]
+
+
+async def test_a_reopened_dead_letter_is_the_next_one_replayed_in_its_queue(
+    store: StateStore,
+) -> None:
+    for n in range(4):
+        await store.journal_append(entry(f"J-{n}"))
+    await store.journal_append(entry("X-0", queue="insurance"))
+    assert len(await store.journal_claim("his", "gw-a", limit=3, lease_s=30)) == 3
+    assert await store.journal_finish("J-0", "gw-a", "conflict", "409 version")
+    assert await store.journal_finish("J-1", "gw-a", "failed", "422")
+    assert await store.journal_finish("J-2", "gw-a", "applied", "201")
+    before = await store.journal_get("J-1")
+    reopened = await store.journal_reopen("J-1", "ops:li retried")
+    assert reopened is not None and before is not None
+    assert (reopened.ticket, reopened.state, reopened.detail, reopened.seq, reopened.queue) == (
+        "J-1",
+        "accepted",
+        "ops:li retried",
+        before.seq,
+        "his",
+    )
+    assert await store.journal_get("J-1") == reopened
+    # No lease is left on it: another owner claims it at once, ahead of J-3; J-0 stays dead.
+    assert tickets(await store.journal_claim("his", "gw-b", limit=5, lease_s=30)) == ["J-1", "J-3"]
+    assert not await store.journal_finish("J-1", "gw-a", "applied", "late answer")
+    assert await store.journal_finish("J-1", "gw-b", "applied", "201")
+    assert await store.journal_reopen("J-0", "") is not None
+    assert tickets(await store.journal_claim("his", "gw-b", limit=5, lease_s=30)) == ["J-0", "J-3"]
+
+    for ticket in ("J-0", "J-2", "J-3", "X-0"):  # replaying or accepted, applied, accepted
+        state = (await store.journal_get(ticket)).state  # type: ignore[union-attr]
+        assert await store.journal_reopen(ticket, "no") is None, state
+    with pytest.raises(KeyError):
+        await store.journal_reopen("J-9", "")
+
+
+async def test_dead_letters_and_unleased_entries_can_be_discarded(store: StateStore) -> None:
+    for ticket in ("F", "C", "A", "D"):
+        await store.journal_append(entry(ticket))
+    assert len(await store.journal_claim("his", "gw-a", limit=2, lease_s=30)) == 2
+    assert await store.journal_finish("F", "gw-a", "failed", "422")
+    assert await store.journal_finish("C", "gw-a", "conflict", "409")
+    for ticket in ("F", "C", "A"):  # A was never claimed
+        discarded = await store.journal_discard(ticket, f"ops:li dropped {ticket}", NOW)
+        assert discarded is not None
+        assert (discarded.state, discarded.detail) == ("discarded", f"ops:li dropped {ticket}")
+        assert await store.journal_get(ticket) == discarded
+        assert await store.journal_discard(ticket, "again", NOW) is None  # finished now
+        assert await store.journal_reopen(ticket, "retry") is None  # and for good
+    assert tickets(await store.journal_claim("his", "gw-b", limit=5, lease_s=30)) == ["D"]
+    assert await store.journal_finish("D", "gw-b", "applied", "201")
+    assert await store.journal_discard("D", "too late", NOW) is None
+    assert tickets(await store.journal_list(frozenset({"discarded"}))) == ["F", "C", "A"]
+    with pytest.raises(KeyError):
+        await store.journal_discard("J-9", "", NOW)
+
+
+async def test_an_entry_someone_holds_is_discarded_only_once_the_lease_ran_out(
+    store: StateStore, clock: FakeClock
+) -> None:
+    for n in range(3):
+        await store.journal_append(entry(f"J-{n}"))
+    claimed_at = clock()
+    assert len(await store.journal_claim("his", "gw-a", limit=2, lease_s=30)) == 2
+    assert await store.journal_note("J-1", "gw-a", "sent msgid M-1")  # replaying
+    for ticket in ("J-0", "J-1"):
+        assert await store.journal_discard(ticket, "ops", claimed_at + 29) is None
+        held = await store.journal_get(ticket)
+        assert held is not None and held.state in {"accepted", "replaying"}
+    assert await store.journal_finish("J-0", "gw-a", "accepted", "503, handed back")
+    assert await store.journal_discard("J-0", "ops: after hand-back", claimed_at + 29)
+    gone = await store.journal_discard("J-1", "ops: replayer gone", claimed_at + 31)
+    assert gone is not None and gone.state == "discarded"
+    # The former owner's late answer changes nothing, and nobody replays a discarded entry.
+    assert not await store.journal_note("J-1", "gw-a", "sent again")
+    assert not await store.journal_finish("J-1", "gw-a", "applied", "201 late")
+    clock.offset = 31
+    assert tickets(await store.journal_claim("his", "gw-b", limit=5, lease_s=30)) == ["J-2"]
+    after = await store.journal_get("J-1")
+    assert after is not None and (after.state, after.detail) == ("discarded", "ops: replayer gone")
+    # Discarded entries are finished: retention drops them like any other.
+    await store.trim(clock() + 100, audit_keep_s=1e6, journal_keep_s=50, verdict_keep_s=1e6)
+    assert tickets(await store.journal_list()) == ["J-2"]
+
+
+async def test_documents_by_kind_and_key(store: StateStore) -> None:
+    await store.doc_put("traffic", "gw-a/101", b'{"requests": 10}')
+    await store.doc_put("traffic", "gw-b/202", b'{"requests": 20}', ttl_s=600)
+    await store.doc_put("incident", "level", b"2")
+    assert await store.doc_get("traffic", "gw-a/101") == b'{"requests": 10}'
+    assert await store.doc_get("traffic", "gw-c/303") is None
+    assert await store.doc_get("drill", "gw-a/101") is None  # the same key, another kind
+    assert await store.doc_list("traffic") == {
+        "gw-a/101": b'{"requests": 10}',
+        "gw-b/202": b'{"requests": 20}',
+    }
+    assert await store.doc_list("drill") == {}
+    await store.doc_put("traffic", "gw-a/101", b'{"requests": 11}')  # replaced
+    assert await store.doc_get("traffic", "gw-a/101") == b'{"requests": 11}'
+    await store.doc_delete("traffic", "gw-b/202")
+    await store.doc_delete("traffic", "gw-b/202")  # nothing there: nothing happens
+    await store.doc_delete("drill", "never")
+    assert await store.doc_list("traffic") == {"gw-a/101": b'{"requests": 11}'}
+    assert await store.doc_list("incident") == {"level": b"2"}
+    # A ":" in a kind or key does not make two (kind, key) pairs meet.
+    await store.doc_put("a:b", "c", b"first")
+    await store.doc_put("a", "b:c", b"second")
+    assert (await store.doc_get("a:b", "c"), await store.doc_get("a", "b:c")) == (
+        b"first",
+        b"second",
+    )
+    assert await store.doc_list("a:b") == {"c": b"first"}
+    assert await store.doc_list("a") == {"b:c": b"second"}
+
+
+async def test_documents_expire_after_their_time_to_live(
+    store: StateStore, clock: FakeClock
+) -> None:
+    await store.doc_put("drill", "d-1", b"running", ttl_s=0.2)
+    await store.doc_put("drill", "d-2", b"running", ttl_s=0.2)
+    await store.doc_put("drill", "d-2", b"finished")  # replaced without a time to live
+    await store.doc_put("drill", "d-3", b"long", ttl_s=3600)
+    await store.doc_put("drill", "d-4", b"short again", ttl_s=3600)
+    await store.doc_put("drill", "d-4", b"short again", ttl_s=0.2)  # and with a shorter one
+
+    async def expired() -> bool:
+        return await store.doc_get("drill", "d-1") is None
+
+    await wait_until_async(expired, timeout=5, what="a document to expire")
+    await wait_until_async(
+        lambda: _has_no("drill", "d-4", store), timeout=5, what="the shortened one to expire"
+    )
+    assert await store.doc_list("drill") == {"d-2": b"finished", "d-3": b"long"}
+    if store.backend != "redis":  # Redis expires on its own clock, checked in its own tests
+        clock.offset = 1e6
+        assert await store.doc_list("drill") == {"d-2": b"finished"}
+        assert await store.doc_get("drill", "d-3") is None
+
+
+async def _has_no(kind: str, key: str, store: StateStore) -> bool:
+    return await store.doc_get(kind, key) is None
+
+
+async def test_trim_counts_the_expired_documents_it_removes(store: StateStore) -> None:
+    await store.doc_put("traffic", "gw-a/1", b"old", ttl_s=0.1)
+    await store.doc_put("traffic", "gw-b/2", b"live", ttl_s=3600)
+    await store.doc_put("incident", "level", b"0")
+    await wait_until_async(
+        lambda: _has_no("traffic", "gw-a/1", store), timeout=5, what="a document to expire"
+    )
+    keep = {"audit_keep_s": 1e6, "journal_keep_s": 1e6, "verdict_keep_s": 1e6}
+    assert await store.trim(time.time(), **keep) == 1
+    assert await store.trim(time.time(), **keep) == 0
+    assert await store.doc_list("traffic") == {"gw-b/2": b"live"}
+    assert await store.doc_get("incident", "level") == b"0"
+
+
+async def test_a_state_file_from_before_documents_opens_with_them(tmp_path: Path) -> None:
+    import sqlite3
+
+    from resilgate.state.sqlite import SqliteStore
+
+    path = tmp_path / "state.db"
+    older = SqliteStore(path)
+    await older.open()
+    await older.journal_append(entry("J-0"))
+    await older.close()
+    with sqlite3.connect(path) as db:  # as the previous version left it
+        db.executescript("DROP TABLE docs; DROP INDEX journal_queue_dead;")
+    for _ in range(2):
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            await store.doc_put("incident", "level", b"1")
+            assert await store.doc_list("incident") == {"level": b"1"}
+            assert [s.open for s in await store.journal_stats()] == [1]
+        finally:
+            await store.close()

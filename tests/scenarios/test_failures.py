@@ -209,7 +209,10 @@ def test_second_gateway_on_a_taken_port_fails_clearly(spawn: Spawner, tmp_path: 
             tmp_path / f"second-{workers}.yaml",
             {"echo": primary(echo.url())},
             routes,
-            listeners={"public": {"host": "127.0.0.1", "port": first.port()}},
+            listeners={
+                "public": {"host": "127.0.0.1", "port": first.port()},
+                "admin": {"host": "127.0.0.1", "port": 0},
+            },
         )
         result = serve_once(config, workers)
         assert result.returncode == 1

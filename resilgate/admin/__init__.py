@@ -1,0 +1,1 @@
+"""The admin API: its own listener, bearer tokens with roles, every change audited."""
