@@ -21,7 +21,7 @@ from resilgate.breaker import Transition
 from resilgate.config import Config
 from resilgate.health import EndpointHealth, UpstreamRuntime
 from resilgate.logs import get_logger
-from resilgate.metrics import Metrics
+from resilgate.metrics import Metrics, traffic_leader
 from resilgate.probes import EndpointProbes
 from resilgate.state.records import Verdict
 from resilgate.state.view import StateView
@@ -55,6 +55,10 @@ class Fleet:
             for name, cluster in clusters.items()
         }
         self._healths = {h.endpoint.label: h for rt in self.runtimes.values() for h in rt.endpoints}
+        for name, runtime in self.runtimes.items():
+            metrics.add_upstream(name, [health.endpoint.label for health in runtime.endpoints])
+        for label, health in self._healths.items():
+            metrics.set_breaker(label, health.breaker.state)
         self._outbox: asyncio.Queue[Verdict] = asyncio.Queue()
         self._leases: dict[str, asyncio.Task[None]] = {}
         self._opened_at: dict[str, float] = {}  # wall clock of our last opening
@@ -80,6 +84,7 @@ class Fleet:
         else:
             log.info(event, **fields)
         self.metrics.breaker_transitions.labels(label, new).inc()
+        self.metrics.set_breaker(label, new)
         self._outbox.put_nowait(Verdict(label, self.replica, new, time.time()))
         health = self._healths.get(label)
         if health is None:
@@ -173,6 +178,7 @@ class Fleet:
                 self._read_view()
                 for health in self._healths.values():
                     health.share(now)  # moves hold-down and ramp on without traffic
+                self._export(now)
             except Exception:  # logged, and the next tick tries again; probes keep running
                 log.exception("fleet_tick_failed")
             if now >= republish_at:
@@ -180,6 +186,16 @@ class Fleet:
                 for label, health in self._healths.items():
                     state = health.breaker.state
                     self._outbox.put_nowait(Verdict(label, self.replica, state, time.time()))
+
+    def _export(self, now: float) -> None:
+        """Metrics that move with time: retry budgets, and which endpoint leads each upstream's
+        traffic (a new leader is a failover)."""
+        view = self.view
+        for name, runtime in self.runtimes.items():
+            self.metrics.set_retry_budget(name, *runtime.budget.usage())
+            mode = view.mode_of(name) if view is not None else None
+            leader = traffic_leader(runtime.endpoints, now, mode.mode if mode else None)
+            self.metrics.note_leader(name, leader)
 
     def _read_view(self) -> None:
         view = self.view

@@ -64,6 +64,11 @@ class RetryBudget:
         floor = config.min_per_s * config.window_s
         return math.floor(max(share, floor) + 1e-9)  # 0.29 * 100 is 28.999...
 
+    def usage(self) -> tuple[int, int]:
+        """(taken, allowed) retries and hedges in the window now."""
+        now = self._clock()
+        return self._retries.total(now), self.allowed(now)
+
     def note_request(self) -> None:
         self._requests.add(self._clock())
 
