@@ -32,7 +32,7 @@ from resilgate.admin.models import (
 from resilgate.admin.openapi import document
 from resilgate.admin.status import build_status, mode_view, queue_views
 from resilgate.config import Config
-from resilgate.drills import DrillRefused, UnknownDrillTarget
+from resilgate.drills import DrillRefused, InvalidDrill, UnknownDrillTarget
 from resilgate.logs import get_logger
 from resilgate.ops import OPS, Ops
 from resilgate.proxy import GATEWAY, Gateway
@@ -406,6 +406,8 @@ async def start_drill(request: web.Request) -> web.Response:
         )
     except UnknownDrillTarget as exc:
         raise ApiError(404, "unknown_target", str(exc)) from exc
+    except InvalidDrill as exc:
+        raise ApiError(400, "invalid_drill", str(exc)) from exc
     except DrillRefused as exc:
         raise ApiError(409, "drill_refused", str(exc)) from exc
     await _apply_here(request)

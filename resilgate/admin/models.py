@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from resilgate.drills import DrillView
+from resilgate.drills import MAX_DRILL_S, DrillView
 
 Reason = Annotated[
     str,
@@ -20,7 +20,6 @@ Reason = Annotated[
 ]
 ModeChoice = Literal["auto", "primary", "dr", "fallback", "maintenance"]
 MAX_EXPIRY_S = 30 * 86400  # a forced mode that should outlast a month is a config change
-MAX_DRILL_S = 86400
 
 
 class _Model(BaseModel):
