@@ -6,6 +6,7 @@ read-only replica, so writes have only the primary."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from fallbacks.journal import replay_state, same_resource, write_kind
 from resilgate.fallback import TICKETS_PATH
 from tests.conftest import REPO, ServerProcess, Spawner, wait_until
 from tests.failover_stack import FAST_HEALTH, Stack, set_mode, sim_call, start_stack, traffic
+from tests.gateway import VIEWER_TOKEN
 
 FHIR = "application/fhir+json"
 SYSTEM = "urn:resilgate:ticket"
@@ -123,15 +125,29 @@ def all_finished(url: str, tickets: list[str]) -> list[dict[str, Any]] | None:
     return found if all(s["state"] not in ("accepted", "replaying") for s in found) else None
 
 
-def journal_cli(config: str, *args: str) -> str:
+def journal_cli(gateway: ServerProcess, *args: str) -> str:
+    """``resilgate journal ...`` against the gateway's admin API, as ops would run it."""
+    env = {
+        **os.environ,
+        "RESILGATE_ADMIN_URL": gateway.url("admin"),
+        "RESILGATE_ADMIN_TOKEN": VIEWER_TOKEN,
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "resilgate", "journal", *args, "--config", config],
-        check=True,
+        [sys.executable, "-m", "resilgate", "journal", *args],
         capture_output=True,
         cwd=REPO,
+        env=env,
         text=True,
+        timeout=30,
+        check=False,
     )
+    assert done.returncode == 0, f"resilgate journal {' '.join(args)}: {done.stderr}"
     return done.stdout
+
+
+def journal_entries(gateway: ServerProcess, *args: str) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = json.loads(journal_cli(gateway, *args, "--json"))["entries"]
+    return entries
 
 
 async def test_300_writes_during_an_outage_are_applied_once_each_in_acceptance_order(
@@ -224,25 +240,25 @@ async def test_a_write_the_his_rejects_is_a_dead_letter_and_the_replay_goes_on(
     assert dead["outcome"] == "business-rule: subject Patient/p-99999 does not exist"
     assert dead["request"] == "POST /fhir/MedicationRequest"
 
-    config = str(spawn.tmp_path / "gateway.yaml")
-    lines = journal_cli(config, "list", "--state", "dead").splitlines()
-    assert len(lines) == 1
-    fields = lines[0].split("\t")
-    assert fields[:4] == [rejected, "his", "his-orders-write", "failed"]
-    assert "422" in fields[5] and "does not exist" in fields[5]
-    assert journal_cli(config, "list", "--state", "open") == ""
-    assert len(journal_cli(config, "list", "--queue", "his").splitlines()) == 20
-    shown = journal_cli(config, "show", rejected)
-    assert f"ticket\t{rejected}" in shown and "state\tfailed" in shown
+    dead = journal_entries(stack.gateway, "list", "--state", "dead")
+    assert [(e["ticket"], e["queue"], e["route"], e["state"]) for e in dead] == [
+        (rejected, "his", "his-orders-write", "failed")
+    ]
+    listed = journal_cli(stack.gateway, "list", "--state", "dead")
+    row = next(line for line in listed.splitlines() if line.startswith(rejected))
+    assert "FAILED" in row and "422" in row and "does not exist" in row
+    assert journal_entries(stack.gateway, "list", "--state", "open") == []
+    assert len(journal_entries(stack.gateway, "list", "--queue", "his")) == 20
+    shown = journal_cli(stack.gateway, "show", rejected)
+    assert rejected in shown and "FAILED" in shown
     assert '"status": 422' in shown
-    assert "Amoxicillin" not in shown and "Amoxicillin" not in "\n".join(lines)  # no payload
+    assert "Amoxicillin" not in shown and "Amoxicillin" not in listed  # no payload
 
 
 async def test_updates_are_replayed_with_if_match_and_a_moved_on_record_is_a_conflict(
     spawn: Spawner,
 ) -> None:
     stack = start_stack(spawn, "his", ROUTES, dr_read_only=True, fallbacks=journal_options())
-    config = str(spawn.tmp_path / "gateway.yaml")
     his = f"{stack.primary.url()}/fhir/MedicationRequest"
     async with aiohttp.ClientSession() as http:
         created = []
@@ -289,7 +305,7 @@ async def test_updates_are_replayed_with_if_match_and_a_moved_on_record_is_a_con
             async with http.get(f"{his}/{resource['id']}") as r:
                 current = await r.json(content_type=None)
             assert (current["status"], current["meta"]["versionId"]) == (status, "2")
-    assert len(journal_cli(config, "list").splitlines()) == 3
+    assert len(journal_entries(stack.gateway, "list")) == 3
 
 
 async def test_other_writes_are_replayed_with_an_idempotency_key(spawn: Spawner) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import aiohttp
 
 from resilgate.state.records import JournalEntry
 from tests.conftest import REPO, ServerProcess, Spawner, wait_until
-from tests.gateway import primary, start_gateway
+from tests.gateway import OPERATOR_TOKEN, primary, start_gateway
 from tests.redis_server import RedisServer
 
 ROUTES = [{"name": "all", "upstream": "echo", "match": {"path_prefix": "/"}}]
@@ -30,13 +31,19 @@ def seen_lags(gateway: ServerProcess, target: str) -> dict[int, float]:
     }
 
 
-def resilgate_mode(config: Path, *args: str) -> str:
-    """Run ``resilgate mode ...`` the way ops would, against a gateway's own config."""
+def resilgate_mode(gateway: ServerProcess, *args: str) -> str:
+    """Run ``resilgate mode ...`` the way ops would, against a gateway's admin API."""
+    env = {
+        **os.environ,
+        "RESILGATE_ADMIN_URL": gateway.url("admin"),
+        "RESILGATE_ADMIN_TOKEN": OPERATOR_TOKEN,
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "resilgate", "mode", "--config", str(config), *args],
+        [sys.executable, "-m", "resilgate", "mode", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
+        env=env,
         timeout=60,
         check=False,
     )
@@ -45,11 +52,11 @@ def resilgate_mode(config: Path, *args: str) -> str:
 
 
 async def set_mode_and_measure(
-    config: Path, gateways: list[ServerProcess], workers_each: int
+    through: ServerProcess, gateways: list[ServerProcess], workers_each: int
 ) -> list[float]:
-    target = f"his-{uuid.uuid4().hex[:6]}"
+    target = "all"  # the route: each test has its own store, so no earlier mode lingers
     await asyncio.to_thread(
-        resilgate_mode, config, "set", target, "dr", "--reason", "drill: primary DC switch"
+        resilgate_mode, through, "set", target, "dr", "--reason", "drill: primary DC switch"
     )
     await asyncio.to_thread(
         wait_until,
@@ -74,15 +81,16 @@ async def test_mode_reaches_every_sqlite_worker_within_a_second(
         workers=2,
         state={"backend": "sqlite", "path": str(db)},
     )
-    config = spawn.tmp_path / "gateway.yaml"
-    lags = await set_mode_and_measure(config, [gateway], workers_each=2)
+    lags = await set_mode_and_measure(gateway, [gateway], workers_each=2)
     print(f"sqlite, 2 workers: mode seen after {sorted(lags)} ms")
     assert max(lags) < 1000
 
-    listed = await asyncio.to_thread(resilgate_mode, config, "list")
-    assert "\tdr\tuntil cleared\tcli:" in listed
-    target = listed.split("\t", 1)[0]
-    await asyncio.to_thread(resilgate_mode, config, "clear", target, "--reason", "drill over")
+    listed = json.loads(await asyncio.to_thread(resilgate_mode, gateway, "list", "--json"))
+    assert [(m["mode"], m["expires_at"], m["actor"]) for m in listed["modes"]] == [
+        ("dr", None, "test-operator")
+    ]
+    target = listed["modes"][0]["target"]
+    await asyncio.to_thread(resilgate_mode, gateway, "clear", target, "--reason", "drill over")
     await asyncio.to_thread(
         wait_until,
         lambda: (
@@ -120,8 +128,8 @@ async def test_mode_reaches_every_redis_replica_within_a_second(
             start_gateway(spawn, {"echo": primary(echo.url())}, ROUTES, name=f"gw-{n}", state=state)
             for n in range(2)
         ]
-        # through replica gw-0's config; seen by gw-0 and gw-1
-        lags = await set_mode_and_measure(spawn.tmp_path / "gw-0.yaml", replicas, workers_each=1)
+        # through replica gw-0's admin API; seen by gw-0 and gw-1
+        lags = await set_mode_and_measure(replicas[0], replicas, workers_each=1)
     finally:
         redis.stop()
     print(f"redis, 2 replicas: mode seen after {sorted(lags)} ms")
