@@ -9,7 +9,7 @@ counters and histograms add up, ``livesum`` gauges add up over live workers, and
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
@@ -225,6 +225,10 @@ class Metrics:
         """This worker's retry budget of ``upstream`` now: taken and allowed in its window."""
         self.budget_used.labels(upstream).set(used)
         self.budget_available.labels(upstream).set(max(0, allowed - used))
+
+    def expect_queues(self, queues: Iterable[str]) -> None:
+        """Journal queues that read 0 while they hold nothing (rather than being absent)."""
+        self._queues |= set(queues)
 
     def set_journal(self, stats: Sequence[QueueStats], now: float) -> None:
         """The journal's depth per queue, ``now`` on the wall clock; queues no longer listed

@@ -45,6 +45,7 @@ def build_ops(gateway: Gateway) -> Ops:
     def store() -> StateStore | None:
         return gateway.state.store if gateway.state is not None else None
 
+    gateway.fleet.metrics.expect_queues(gateway.replayer.queues)
     traffic = TrafficWindow(config.incident.window_s)
     alerts = AlertSender(config.alerts)
     watcher = Watcher(
