@@ -37,6 +37,13 @@ class AdminError(Exception):
     """A call that did not succeed, said in one line for a person."""
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is: following it would send the token on."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class AdminClient:
     """Synchronous calls to one gateway's admin API with one bearer token."""
 
@@ -44,6 +51,7 @@ class AdminClient:
         self.base_url = base_url.rstrip("/")
         self._token = token
         self.timeout_s = timeout_s
+        self._opener = urllib.request.build_opener(_NoRedirects())
 
     def __repr__(self) -> str:
         return f"<AdminClient {self.base_url} timeout={self.timeout_s:g}s>"  # never the token
@@ -65,7 +73,7 @@ class AdminClient:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with self._opener.open(request, timeout=self.timeout_s) as response:
                 raw: bytes = response.read()
         except urllib.error.HTTPError as exc:
             try:

@@ -56,6 +56,20 @@ class Listeners(_Model):
         "address; keep it on a management network.",
     )
 
+    @model_validator(mode="after")
+    def _apart(self) -> Listeners:
+        # Workers bind with SO_REUSEPORT: the same address for both would split connections
+        # between the public and the admin application without any error.
+        public, admin = self.public, self.admin
+        wildcard = {"0.0.0.0", "::", ""}
+        overlap = public.host == admin.host or public.host in wildcard or admin.host in wildcard
+        if public.port == admin.port and public.port != 0 and overlap:
+            raise ValueError(
+                f"admin ({admin.host}:{admin.port}) and public ({public.host}:{public.port}) "
+                "listeners overlap: the admin API must have its own port"
+            )
+        return self
+
 
 class StateConfig(_Model):
     """Where shared state lives: modes, breaker verdicts, counters, cache, journal, audit."""

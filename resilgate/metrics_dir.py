@@ -15,6 +15,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+PREFIX = "resilgate-metrics-"  # then the creating process's pid
 
 
 def prepare(run_dir: Path | None = None, environ: MutableMapping[str, str] = os.environ) -> Path:
@@ -28,7 +29,9 @@ def prepare(run_dir: Path | None = None, environ: MutableMapping[str, str] = os.
     """
     configured = environ.get(ENV)
     if not configured:
-        path = Path(tempfile.mkdtemp(prefix="resilgate-metrics-", dir=run_dir))
+        parent = Path(run_dir or tempfile.gettempdir())
+        _remove_orphans(parent)
+        path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent))
         environ[ENV] = str(path)
         atexit.register(_remove, path, os.getpid())
         return path
@@ -37,6 +40,24 @@ def prepare(run_dir: Path | None = None, environ: MutableMapping[str, str] = os.
     for stale in path.glob("*.db"):
         stale.unlink(missing_ok=True)
     return path
+
+
+def _remove_orphans(parent: Path) -> None:
+    """Private directories of gateways that died without cleaning up (SIGKILL, OOM)."""
+    for path in parent.glob(f"{PREFIX}*-*"):
+        pid = path.name[len(PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _remove(path: Path, owner: int) -> None:

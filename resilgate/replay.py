@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import aiohttp
 import orjson
@@ -51,13 +51,15 @@ class FleetClient(UpstreamClient):
         self._session_of = session_of
         self._view_of = view_of
 
-    def writable_now(self, upstream: str) -> bool:
+    def writable_now(self, upstream: str, routes: Iterable[str] = ()) -> bool:
         """Whether an endpoint that takes writes is healthy past its hold-down, and ops have
-        not held the upstream back."""
+        held back neither the upstream nor any of ``routes``."""
         view = self._view_of()
-        forced = view.mode_of(upstream) if view is not None else None
-        if forced is not None and forced.mode in ("fallback", "maintenance"):
-            return False
+        if view is not None:
+            for target in (upstream, *routes):
+                forced = view.mode_of(target)
+                if forced is not None and forced.mode in ("fallback", "maintenance"):
+                    return False
         now = time.monotonic()
         return any(
             not h.endpoint.read_only and not h.fenced and h.share(now) > 0 and h.breaker.allows()
@@ -122,6 +124,15 @@ class Replayer:
             }
         )
         self._routes = {route.name: route for route in routes}
+        # A queue is held while ops force any of its journaling routes off (strict order).
+        self._queue_routes = {
+            queue: [
+                r.name
+                for r in routes
+                if r.upstream == queue and (f := runner.of(r)) is not None and f.journals
+            ]
+            for queue in self.queues
+        }
         # Per queue: the head entry being deferred, since when, and how many times: one the
         # upstream keeps failing must not hold its queue forever.
         self._deferred: dict[str, tuple[str, float, int]] = {}
@@ -137,7 +148,7 @@ class Replayer:
         interval = 1.0 / options.replay_rate_per_s
         next_at = 0.0
         while True:
-            if not self.client.writable_now(queue):
+            if not self.client.writable_now(queue, self._queue_routes[queue]):
                 await asyncio.sleep(IDLE_S)
                 continue
             # Paced before the claim, so the wait does not eat into the entry's lease.

@@ -108,7 +108,12 @@ class Spawner:
             stdin=subprocess.DEVNULL,
             cwd=REPO,
             start_new_session=True,
-            env={**os.environ, **(env or {})},
+            # Its metrics files stay in the test's directory even if it is killed outright.
+            env={
+                **os.environ,
+                "PROMETHEUS_MULTIPROC_DIR": str(self.tmp_path / f"{name}.metrics"),
+                **(env or {}),
+            },
         )
         log.close()
 

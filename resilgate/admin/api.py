@@ -6,6 +6,7 @@ it changes goes to the state store, from which every worker and replica picks it
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -50,6 +51,9 @@ log = get_logger("resilgate.admin")
 PUBLIC_APP = web.AppKey("public_app", web.Application)
 TOKENS = web.AppKey("tokens", TokenBook)
 PRINCIPAL = web.RequestKey("principal", Principal)
+AUDIT_RETRIES = web.AppKey("audit_retries", set[asyncio.Task[None]])
+AUDIT_RETRY_S = 2.0
+AUDIT_RETRY_TRIES = 300  # ten minutes
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 JOURNAL_STATES = {
@@ -171,11 +175,32 @@ def _reason_query(request: web.Request) -> str:
 async def _audit(
     request: web.Request, action: str, target: str, reason: str, detail: str = ""
 ) -> None:
+    """Record a change that was made. If the store fails right after the change, the record
+    is kept trying in the background (the change happened: the answer says so)."""
     actor = request[PRINCIPAL].name
-    await _store(request).audit_append(
-        AuditRecord(time.time(), actor, action, target, reason, detail)
-    )
+    record = AuditRecord(time.time(), actor, action, target, reason, detail)
+    store = _store(request)
     log.info("admin_change", actor=actor, action=action, target=target)
+    try:
+        await store.audit_append(record)
+    except StoreUnavailable as exc:
+        log.error("audit_deferred", actor=actor, action=action, target=target, error=str(exc))
+        tasks = request.app[AUDIT_RETRIES]
+        task = asyncio.get_running_loop().create_task(_append_later(store, record))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+
+async def _append_later(store: StateStore, record: AuditRecord) -> None:
+    for _ in range(AUDIT_RETRY_TRIES):
+        await asyncio.sleep(AUDIT_RETRY_S)
+        try:
+            await store.audit_append(record)
+        except StoreUnavailable:
+            continue
+        log.info("audit_written_late", action=record.action, target=record.target)
+        return
+    log.error("audit_lost", actor=record.actor, action=record.action, target=record.target)
 
 
 # -- health, document, metrics ---------------------------------------------------------------
@@ -437,6 +462,7 @@ def build_admin_app(public_app: web.Application) -> web.Application:
     app = web.Application(middlewares=[problems, authenticate])
     app[PUBLIC_APP] = public_app
     app[TOKENS] = TokenBook.from_config(public_app[GATEWAY].config)
+    app[AUDIT_RETRIES] = set()
     if not len(app[TOKENS]):
         log.warning("admin_without_tokens", note="only /healthz, /readyz and /openapi.json answer")
     router = app.router

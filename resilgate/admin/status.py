@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from yarl import URL
+
 from resilgate.admin.models import (
     EndpointView,
     IncidentView,
@@ -16,6 +18,7 @@ from resilgate.admin.models import (
     StoreView,
     UpstreamView,
 )
+from resilgate.fleet import REPUBLISH_S
 from resilgate.health import EndpointHealth
 from resilgate.logs import get_logger
 from resilgate.ops import Ops
@@ -43,7 +46,7 @@ def _endpoint(health: EndpointHealth, fleet: dict[str, str], now: float) -> Endp
     endpoint = health.endpoint
     return EndpointView(
         label=endpoint.label,
-        url=endpoint.base,
+        url=str(URL(endpoint.base).with_user(None)),  # never a password to viewers
         priority=endpoint.priority,
         read_only=endpoint.read_only,
         down=health.why_down(),
@@ -78,8 +81,11 @@ async def build_status(gateway: Gateway, ops: Ops) -> Status:
         return view.mode_of(target) if view is not None else None
 
     fleet: dict[str, dict[str, str]] = {}
+    # Live workers republish every REPUBLISH_S; older verdicts are of workers that are gone.
+    fresh_after = wall - 2 * REPUBLISH_S - config.state.refresh_s
     for verdict in view.verdicts if view is not None else ():
-        fleet.setdefault(verdict.endpoint, {})[verdict.replica] = verdict.state
+        if verdict.at >= fresh_after:
+            fleet.setdefault(verdict.endpoint, {})[verdict.replica] = verdict.state
     upstreams = [
         UpstreamView(
             name=name,
@@ -115,7 +121,15 @@ async def build_status(gateway: Gateway, ops: Ops) -> Status:
         except Exception as exc:  # the store's health below says why
             log.debug("status_journal_unread", error=f"{type(exc).__name__}: {exc}"[:200])
     if journal is not None:
-        claims = {r.upstream for r in config.routes if r.fallback == "self-pay"}
+        # Queues are per upstream: one whose journaling routes are all self-pay holds claims.
+        journaling = [
+            r
+            for r in config.routes
+            if (fallback := gateway.fallbacks.of(r)) is not None and fallback.journals
+        ]
+        claims = {r.upstream for r in journaling if r.fallback == "self-pay"} - {
+            r.upstream for r in journaling if r.fallback != "self-pay"
+        }
         pending = [q for q in journal if q.queue in claims]
         ages = [q.oldest_age_s for q in pending if q.oldest_age_s is not None]
         self_pay = SelfPayView(

@@ -23,7 +23,7 @@ from fallbacks.journal import replay_state, same_resource, write_kind
 from resilgate.fallback import TICKETS_PATH
 from tests.conftest import REPO, ServerProcess, Spawner, wait_until
 from tests.failover_stack import FAST_HEALTH, Stack, set_mode, sim_call, start_stack, traffic
-from tests.gateway import VIEWER_TOKEN
+from tests.gateway import OPERATOR_TOKEN, VIEWER_TOKEN
 
 FHIR = "application/fhir+json"
 SYSTEM = "urn:resilgate:ticket"
@@ -125,12 +125,15 @@ def all_finished(url: str, tickets: list[str]) -> list[dict[str, Any]] | None:
     return found if all(s["state"] not in ("accepted", "replaying") for s in found) else None
 
 
-def journal_cli(gateway: ServerProcess, *args: str) -> str:
-    """``resilgate journal ...`` against the gateway's admin API, as ops would run it."""
+def journal_cli(
+    gateway: ServerProcess, *args: str, token: str = VIEWER_TOKEN, check: bool = True
+) -> str:
+    """``resilgate journal ...`` against the gateway's admin API, as ops would run it; its
+    output (and, unchecked, its errors)."""
     env = {
         **os.environ,
         "RESILGATE_ADMIN_URL": gateway.url("admin"),
-        "RESILGATE_ADMIN_TOKEN": VIEWER_TOKEN,
+        "RESILGATE_ADMIN_TOKEN": token,
     }
     done = subprocess.run(
         [sys.executable, "-m", "resilgate", "journal", *args],
@@ -141,6 +144,8 @@ def journal_cli(gateway: ServerProcess, *args: str) -> str:
         timeout=30,
         check=False,
     )
+    if not check:
+        return done.stdout + done.stderr
     assert done.returncode == 0, f"resilgate journal {' '.join(args)}: {done.stderr}"
     return done.stdout
 
@@ -440,3 +445,74 @@ async def test_an_entry_the_his_keeps_failing_becomes_a_dead_letter_and_the_queu
     assert ended[0]["detail"]["tries"] >= 5 and ended[0]["detail"]["gave_up_after_s"] >= 2
     assert created_keys(his) == [f"{SYSTEM}|{t}" for t in tickets]
     assert [r["ticket"] for r in stack.events("replay_gave_up")] == [poison]
+
+
+def probes_seen(server: ServerProcess) -> int:
+    return int(sim_call(server, "GET", "/_sim/stats")["probes"])
+
+
+async def test_a_write_route_ops_forced_off_is_not_replayed_until_they_lift_it(
+    spawn: Spawner,
+) -> None:
+    stack = start_stack(spawn, "his", ROUTES, dr_read_only=True, fallbacks=journal_options())
+    set_mode(stack, "set", "his-orders-write", "fallback", "--reason", "HIS order module bug")
+    async with aiohttp.ClientSession() as http:
+        tickets = await post_orders(http, stack.url, [order(n) for n in range(3)])
+    # The HIS is healthy the whole time: 10 more probe rounds (2 s) show time passing with
+    # the replayer free to run, and the writes must still wait.
+    seen = probes_seen(stack.primary)
+    wait_until(lambda: probes_seen(stack.primary) >= seen + 10, 10, "10 more probe rounds")
+    assert created_keys(stack.primary) == []
+    assert {ticket_of(stack.url, t)["state"] for t in tickets} == {"accepted"}
+
+    set_mode(stack, "clear", "his-orders-write", "--reason", "fixed")
+    ended = wait_until(lambda: all_finished(stack.url, tickets), 10, "the held writes replayed")
+    assert [s["state"] for s in ended] == ["applied"] * 3
+    assert created_keys(stack.primary) == [f"{SYSTEM}|{t}" for t in tickets]
+
+
+async def test_ops_retry_a_dead_letter_then_discard_it_and_both_are_audited(
+    spawn: Spawner,
+) -> None:
+    stack = start_stack(spawn, "his", ROUTES, dr_read_only=True, fallbacks=journal_options())
+    primary_down(stack)
+    async with aiohttp.ClientSession() as http:
+        (rejected,) = await post_orders(http, stack.url, [order(0, patient="p-99999")])
+    his_back(spawn, stack)
+    wait_until(lambda: all_finished(stack.url, [rejected]), 20, "the entry to be dead")
+
+    retried = journal_cli(
+        stack.gateway, "retry", rejected, "--reason", "patient registered?", token=OPERATOR_TOKEN
+    )
+    assert "accepted" in retried
+    # Replayed again at once (it is the head of its queue) and refused again: dead once more.
+    wait_until(
+        lambda: (
+            (status := ticket_of(stack.url, rejected))["state"] == "failed"
+            and status["detail"]["status"] == 422
+        ),
+        10,
+        "the retried entry replayed and refused again",
+    )
+    journal_cli(
+        stack.gateway, "discard", rejected, "--reason", "entered on paper", token=OPERATOR_TOKEN
+    )
+    assert ticket_of(stack.url, rejected)["state"] == "discarded"
+    refused = journal_cli(
+        stack.gateway, "retry", rejected, "--reason", "again", token=OPERATOR_TOKEN, check=False
+    )
+    assert "409 not_retryable" in refused
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            stack.gateway.url("admin") + "/audit",
+            headers={"Authorization": f"Bearer {VIEWER_TOKEN}"},
+        ) as response,
+    ):
+        audit = (await response.json())["records"]
+    assert [(r["action"], r["target"], r["actor"]) for r in audit[:2]] == [
+        ("journal.discard", rejected, "test-operator"),
+        ("journal.retry", rejected, "test-operator"),
+    ]
+    assert audit[0]["reason"] == "entered on paper"

@@ -66,6 +66,18 @@ def test_shipped_hospital_example_is_valid() -> None:
 
 BAD_CONFIGS = [
     pytest.param(
+        MAIN.replace(
+            "  public: {host: 127.0.0.1, port: 8080}\n",
+            "  public: {host: 0.0.0.0, port: 8080}\n  admin: {host: 127.0.0.1, port: 8080}\n",
+        ),
+        ROUTES,
+        "resilgate.yaml",
+        1,
+        "listeners",
+        "the admin API must have its own port",
+        id="admin-on-the-public-port",
+    ),
+    pytest.param(
         MAIN.replace("  his:\n", "  his:\n   bad: [\n"),
         ROUTES,
         "resilgate.yaml",
@@ -199,6 +211,15 @@ def test_bad_config_names_file_line_field_and_exits_2(
     expected = f"{file}{f':{line}' if line else ''}: {field + ': ' if field else ''}"
     assert expected in result.stderr, result.stderr
     assert result.stdout == ""
+
+
+def test_a_bad_tokens_file_is_named_with_its_line_and_field(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("- name: ops-alice\n  role: operator\n  sha256: not-a-hash\n")
+    config = write_tree(tmp_path, MAIN + "admin: {tokens_file: tokens.yaml}\n")
+    result = run_check(config)
+    assert result.returncode == 2
+    assert f"{tokens}:3: 0.sha256: String should match pattern" in result.stderr, result.stderr
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:

@@ -409,3 +409,19 @@ def test_prepare_creates_a_named_directory_that_does_not_exist(tmp_path: Path) -
     named = tmp_path / "run" / "metrics"
     assert prepare(environ={ENV: str(named)}) == named
     assert named.is_dir()
+
+
+def test_prepare_removes_the_directories_of_gateways_that_died_uncleanly(tmp_path: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    orphan = tmp_path / f"resilgate-metrics-{dead.stdout.strip()}-abc"
+    living = tmp_path / f"resilgate-metrics-{os.getpid()}-def"
+    for path in (orphan, living):
+        path.mkdir()
+        (path / "counter_1.db").write_bytes(b"x")
+    fresh = prepare(tmp_path, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([living.name, fresh.name])
