@@ -756,6 +756,14 @@ class Config(_Model):
     drain_deadline_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
+    drain_notice_s: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="On SIGTERM, how long `/readyz` says not ready while the listeners still "
+        "take requests, before draining starts (time for a load balancer to stop sending; "
+        "e.g. 5 behind a Kubernetes Service).",
+    )
     state: StateConfig = Field(
         default_factory=StateConfig, description="Where shared state (modes, journal) is kept."
     )

@@ -130,6 +130,9 @@ async def run_worker(
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         mark_draining(admin_app)
+        if config.drain_notice_s:
+            log.info("not_ready", notice_s=config.drain_notice_s, pid=os.getpid())
+            await asyncio.sleep(config.drain_notice_s)  # still serving: the LB stops sending
         log.info("draining", deadline_s=config.drain_deadline_s, pid=os.getpid())
     finally:
         await runner.cleanup()

@@ -9,7 +9,7 @@ import socket
 import aiohttp
 import pytest
 
-from tests.conftest import ServerProcess, Spawner, wait_until
+from tests.conftest import ServerProcess, Spawner, wait_until, wait_until_async
 from tests.gateway import primary, start_gateway
 
 IN_FLIGHT = 50
@@ -57,4 +57,30 @@ async def test_sigterm_drains_in_flight_requests(spawn: Spawner, workers: int) -
         for resp in responses:
             resp.release()
     assert statuses == [200] * IN_FLIGHT
+    assert await asyncio.to_thread(gateway.proc.wait, 30) == 0
+
+
+async def test_sigterm_says_not_ready_first_while_still_serving(spawn: Spawner) -> None:
+    echo = spawn.simulator("echo")
+    gateway = start_gateway(
+        spawn,
+        {"echo": primary(echo.url())},
+        [{"name": "all", "upstream": "echo", "match": {"path_prefix": "/"}}],
+        drain_notice_s=3,
+    )
+    ready = gateway.url("admin") + "/readyz"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(ready) as response:
+            assert (response.status, (await response.json())["ready"]) == (200, True)
+        gateway.signal(signal.SIGTERM)
+
+        async def not_ready() -> bool:
+            async with aiohttp.ClientSession() as fresh, fresh.get(ready) as response:
+                return response.status == 503
+
+        await wait_until_async(not_ready, 2, "readyz to say not ready")
+        async with session.get(ready) as response:
+            assert (await response.json())["reason"] == "draining: shutting down"
+        async with aiohttp.ClientSession() as fresh, fresh.get(gateway.url() + "/x") as response:
+            assert response.headers["X-Resilgate-Upstream"] == "echo/primary"  # still serving
     assert await asyncio.to_thread(gateway.proc.wait, 30) == 0
