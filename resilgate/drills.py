@@ -3,7 +3,9 @@
 A drill is a document in the state store plus a :class:`ForcedMode` that expires by itself at
 the drill's end, so the target is restored even if every worker dies mid-drill. Every worker
 counts the target's traffic (``record``, synchronous, from the access log) and publishes its
-tally; a drill's report is the sum of all workers' tallies.
+tally; a drill's report is the sum of all workers' tallies. Once finished, the drill moves to
+another kind of document with its final report and a time to live (the audit retention), and
+its tallies go: every worker lists the unfinished drills twice a second, and only those.
 
 A request belongs to a drill when it *started* within ``[started_at, ends_at)``: the mode gate
 decided it then. So an answer still in flight at the end is counted (the drill degraded it),
@@ -16,7 +18,7 @@ import asyncio
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal, TypeVar, get_args
 
 import orjson
@@ -32,8 +34,10 @@ log = get_logger("resilgate.drills")
 
 DrillMode = Literal["fallback", "maintenance", "dr"]
 DrillState = Literal["running", "restoring", "finished"]
-DRILL_KIND = "drill"
+DRILL_KIND = "drill"  # drills not finished yet
+FINISHED_KIND = "drill-finished"  # with their report, for the audit retention
 TALLY_KIND = "drill-tally"  # key: <drill id>/<replica>
+DRILL_ACTOR = "drill:"  # how a drill's forced mode is told from an operator's
 TICK_S = 0.5
 # Outcomes are kept this long, so a worker that learns of a drill a tick late (the forced mode
 # may reach it first) still counts the drill's first requests.
@@ -56,38 +60,42 @@ class UnknownDrillTarget(InvalidDrill):
 
 
 class DrillRefused(Exception):
-    """The target cannot take the drill now: ops forced a mode on it, another drill on it is
-    not finished, or a ``dr`` drill on a target with no DR site (HTTP 409)."""
+    """The target cannot take the drill now: a mode is forced on it, ops forced one on its
+    upstream, routes or endpoints, another drill on it is not finished, or a ``dr`` drill on a
+    target with no DR site (HTTP 409)."""
+
+
+def is_drill_mode(mode: ForcedMode) -> bool:
+    """Whether a drill forced ``mode`` (its runner lifts it), rather than an operator."""
+    return mode.actor.startswith(DRILL_ACTOR)
+
+
+def mode_in_the_way(
+    target: str, related: Iterable[str], modes: Mapping[str, ForcedMode], now: float
+) -> ForcedMode | None:
+    """The mode that refuses a drill on ``target`` at ``now``, or None: any active mode on the
+    target itself, or an operator's on a ``related`` one (the drill would override or blur it)."""
+    own = modes.get(target)
+    if own is not None and own.active(now):
+        return own
+    for name in related:
+        forced = modes.get(name)
+        if forced is not None and forced.active(now) and not is_drill_mode(forced):
+            return forced
+    return None
+
+
+def _refusal(target: str, forced: ForcedMode) -> str:
+    where = "" if forced.target == target else f" (related to {target})"
+    return (
+        f"{forced.target}{where} is in {forced.mode} mode, forced by {forced.actor}:"
+        f" {forced.reason}"
+    )
 
 
 class _Model(BaseModel):
     # Unknown fields are ignored: a newer replica may write more (rolling upgrade).
     model_config = ConfigDict(frozen=True)
-
-
-class DrillRecord(_Model):
-    """A drill as kept in the state store."""
-
-    id: str = Field(description="`D-` and 12 random hex digits.")
-    target: str = Field(description="The route or upstream drilled.")
-    mode: DrillMode = Field(description="The mode forced on it: `fallback`, `maintenance`, `dr`.")
-    reason: str = Field(description="Why, as given when it was started.")
-    actor: str = Field(description="Name of the token that started it.")
-    started_at: float = Field(description="Unix time the drill started.")
-    ends_at: float = Field(description="Unix time the forced mode ends by itself.")
-    finished_at: float | None = Field(
-        None, description="Unix time the drill was closed and reported; null before."
-    )
-
-    @property
-    def mode_actor(self) -> str:
-        """The ``actor`` of the drill's forced mode."""
-        return f"drill:{self.id}"
-
-    def state(self, now: float) -> DrillState:
-        if self.finished_at is not None:
-            return "finished"
-        return "running" if now < self.ends_at else "restoring"
 
 
 class WorkerTally(_Model):
@@ -158,6 +166,43 @@ class DrillReport(_Model):
         )
 
 
+class DrillRecord(_Model):
+    """A drill as kept in the state store."""
+
+    id: str = Field(description="`D-` and 12 random hex digits.")
+    target: str = Field(description="The route or upstream drilled.")
+    mode: DrillMode = Field(description="The mode forced on it: `fallback`, `maintenance`, `dr`.")
+    reason: str = Field(description="Why, as given when it was started.")
+    actor: str = Field(description="Name of the token that started it.")
+    started_at: float = Field(description="Unix time the drill started.")
+    ends_at: float = Field(description="Unix time the forced mode ends by itself.")
+    finished_at: float | None = Field(
+        None, description="Unix time the drill was closed and reported; null before."
+    )
+    report: DrillReport | None = Field(None, description="The final report, once finished.")
+
+    @property
+    def mode_actor(self) -> str:
+        """The ``actor`` of the drill's forced mode."""
+        return f"{DRILL_ACTOR}{self.id}"
+
+    def forced_mode(self) -> ForcedMode:
+        """The drill's forced mode, exactly as stored (so it is lifted only if still its own)."""
+        return ForcedMode(
+            target=self.target,
+            mode=self.mode,
+            reason=f"drill {self.id}: {self.reason}",
+            actor=self.mode_actor,
+            set_at=self.started_at,
+            expires_at=self.ends_at,
+        )
+
+    def state(self, now: float) -> DrillState:
+        if self.finished_at is not None:
+            return "finished"
+        return "running" if now < self.ends_at else "restoring"
+
+
 class DrillView(_Model):
     """A drill and its report (`POST /drills`, `GET /drills/{id}`)."""
 
@@ -177,11 +222,9 @@ class DrillView(_Model):
 
     @classmethod
     def of(cls, drill: DrillRecord, tallies: Iterable[WorkerTally], now: float) -> DrillView:
-        return cls(
-            **drill.model_dump(),
-            state=drill.state(now),
-            report=DrillReport.summed(drill, tallies),
-        )
+        """A finished drill shows the report it was finished with; others the tallies' sum."""
+        report = drill.report if drill.report is not None else DrillReport.summed(drill, tallies)
+        return cls(**drill.model_dump(exclude={"report"}), state=drill.state(now), report=report)
 
 
 class _Tally:
@@ -294,6 +337,7 @@ class DrillRunner:
         self._store = store
         self._clock = clock
         self._grace_s = config.drills.restore_grace_s
+        self._keep_s = config.state.audit_retention_days * 86400  # finished drills
         self._tallies: dict[str, _Tally] = {}  # by drill id: running or restoring
         self._by_target: dict[str, list[_Tally]] = {}
         self._recent: deque[RequestOutcome] = deque(maxlen=BUFFER_MAX)
@@ -339,20 +383,22 @@ class DrillRunner:
         """Force ``mode`` on ``target`` for ``duration_s`` and start counting.
 
         UnknownDrillTarget for a name that is no route or upstream; InvalidDrill for an unknown
-        mode or a duration not in (0, MAX_DRILL_S]; DrillRefused if ops forced a mode on the
-        target, another drill on it is not finished, or ``dr`` has no DR site to move to;
-        StoreUnavailable if the store cannot take it (what was written is undone as far as the
-        store allows; a forced mode left over expires at the drill's end, a drill record left
-        over is finished as usual).
+        mode or a duration not in (0, MAX_DRILL_S]; DrillRefused if a mode is forced on the
+        target, ops forced one on its upstream, routes or endpoints (see
+        :func:`mode_in_the_way`), another drill on it is not finished, or ``dr`` has no DR site
+        to move to; StoreUnavailable if the store cannot take it (what was written is undone as
+        far as the store allows; a forced mode left over expires at the drill's end, a drill
+        record left over is finished as usual).
         """
         drill_mode = self._checked(target, mode, duration_s)
         store = self._open_store()
         now = self._clock()
-        forced = (await store.load_modes()).get(target)
-        if forced is not None and forced.active(now):
-            raise DrillRefused(
-                f"{target} is in {forced.mode} mode, forced by {forced.actor}: {forced.reason}"
-            )
+        # Refused early, with nothing written; put_mode_if_absent below is what makes the
+        # target's own check atomic (the related targets' is not: a mode ops force on one of
+        # them in the next instant is not seen).
+        forced = mode_in_the_way(target, self._related(target), await store.load_modes(), now)
+        if forced is not None:
+            raise DrillRefused(_refusal(target, forced))
         drill = DrillRecord(
             id=f"D-{secrets.token_hex(6)}",
             target=target,
@@ -367,17 +413,10 @@ class DrillRunner:
         if not await store.lease(_target_lease(target), drill.id, ttl_s, now):
             raise DrillRefused(f"another drill on {target} is not finished yet")
         try:
+            blocked = await store.put_mode_if_absent(drill.forced_mode(), now)
+            if blocked is not None:  # an operator's PUT landed since the check above
+                raise DrillRefused(_refusal(target, blocked))
             await store.doc_put(DRILL_KIND, drill.id, drill.model_dump_json().encode())
-            await store.put_mode(
-                ForcedMode(
-                    target=target,
-                    mode=drill_mode,
-                    reason=f"drill {drill.id}: {reason}",
-                    actor=drill.mode_actor,
-                    set_at=now,
-                    expires_at=drill.ends_at,
-                )
-            )
             detail = {"drill": drill.id, "mode": drill_mode, "duration_s": duration_s}
             await store.audit_append(
                 AuditRecord(
@@ -402,22 +441,32 @@ class DrillRunner:
         """The drill with its report so far, or None; StoreUnavailable if unreadable."""
         store = self._open_store()
         await self._flush(store)
-        raw = await store.doc_get(DRILL_KIND, drill_id)
+        # Unfinished first: a finisher writes the finished drill before it deletes that one.
+        # While both are there (or a finisher stopped half-way), the finished one wins.
+        unfinished = await store.doc_get(DRILL_KIND, drill_id)
+        raw = await store.doc_get(FINISHED_KIND, drill_id) or unfinished
         drill = None if raw is None else _parsed(DrillRecord, raw)
         if drill is None:
             return None
-        tallies = _tallies_by_drill(await store.doc_list(TALLY_KIND)).get(drill_id, [])
+        tallies = (
+            _tallies_by_drill(await store.doc_list(TALLY_KIND)).get(drill_id, [])
+            if drill.report is None
+            else []
+        )
         return DrillView.of(drill, tallies, self._clock())
 
     async def list(self, limit: int = 100) -> list[DrillView]:
         """The latest drills first, with their reports; StoreUnavailable if unreadable."""
         store = self._open_store()
         await self._flush(store)
-        drills = [_parsed(DrillRecord, raw) for raw in (await store.doc_list(DRILL_KIND)).values()]
-        known = sorted((d for d in drills if d is not None), key=lambda d: -d.started_at)
-        tallies = _tallies_by_drill(await store.doc_list(TALLY_KIND))
+        drills = await self._records(store, DRILL_KIND)
+        # Over one being finished meanwhile, the finished record wins.
+        drills.update(await self._records(store, FINISHED_KIND))
+        known = sorted(drills.values(), key=lambda d: -d.started_at)[:limit]
+        unfinished = any(d.report is None for d in known)  # finished ones carry their report
+        tallies = _tallies_by_drill(await store.doc_list(TALLY_KIND)) if unfinished else {}
         now = self._clock()
-        return [DrillView.of(d, tallies.get(d.id, []), now) for d in known[:limit]]
+        return [DrillView.of(d, tallies.get(d.id, []), now) for d in known]
 
     # -- the background task -------------------------------------------------------------
 
@@ -439,8 +488,8 @@ class DrillRunner:
         store = self._store()
         if store is None:
             return
-        drills = [_parsed(DrillRecord, raw) for raw in (await store.doc_list(DRILL_KIND)).values()]
-        current = {d.id: d for d in drills if d is not None and d.finished_at is None}
+        unfinished = await self._records(store, DRILL_KIND)
+        current = {i: drill for i, drill in unfinished.items() if drill.finished_at is None}
         for drill in current.values():
             self._learn(drill)
         await self._flush(store)
@@ -471,6 +520,21 @@ class DrillRunner:
     def _upstream_of(self, target: str) -> str:
         """The upstream of a route target; an upstream target is its own."""
         return next((r.upstream for r in self.config.routes if r.name == target), target)
+
+    def _related(self, target: str) -> tuple[str, ...]:
+        """Targets whose operator modes a drill on ``target`` would override (a route's own
+        mode wins over its upstream's) or blur: a route's upstream; an upstream's routes;
+        either's endpoints."""
+        upstream = self._upstream_of(target)
+        endpoints = [f"{upstream}/{e.name}" for e in self.config.upstreams[upstream].endpoints]
+        if upstream != target:
+            return (upstream, *endpoints)
+        return (*(r.name for r in self.config.routes if r.upstream == upstream), *endpoints)
+
+    async def _records(self, store: StateStore, kind: str) -> dict[str, DrillRecord]:
+        """The readable drills of ``kind`` by id."""
+        parsed = (_parsed(DrillRecord, raw) for raw in (await store.doc_list(kind)).values())
+        return {drill.id: drill for drill in parsed if drill is not None}
 
     def _open_store(self) -> StateStore:
         store = self._store()
@@ -510,28 +574,36 @@ class DrillRunner:
                     continue
                 tally.changed = False
                 value = tally.snapshot().model_dump_json().encode()
+                # The finisher deletes tallies; one flushed just after it must not stay forever.
+                due = tally.drill.ends_at + self._grace_s + SETTLE_S
+                ttl_s = self._keep_s + max(0.0, due - self._clock())
+                key = f"{tally.drill.id}/{self.replica}"
                 try:
-                    await store.doc_put(TALLY_KIND, f"{tally.drill.id}/{self.replica}", value)
+                    await store.doc_put(TALLY_KIND, key, value, ttl_s=ttl_s)
                 except BaseException:
                     tally.changed = True
                     raise
 
     async def _finish(self, store: StateStore, drill_id: str, now: float) -> None:
-        """Close the drill once, fleet-wide: lift its mode if still its own, audit the report."""
+        """Close the drill once, fleet-wide: lift its mode if still its own, audit the report,
+        keep it with the report for the audit retention, and drop what was kept to count it."""
         lease = f"drill-end:{drill_id}"
         if not await store.lease(lease, self.replica, END_LEASE_S, now):
             return  # another worker is at it
         try:
             raw = await store.doc_get(DRILL_KIND, drill_id)
             drill = None if raw is None else _parsed(DrillRecord, raw)
-            if drill is None or drill.finished_at is not None:
+            if drill is None:
                 return
-            forced = (await store.load_modes()).get(drill.target)
-            # Lifted only if it is still the drill's: ops may have changed it meanwhile.
-            lifted = forced is not None and forced.actor == drill.mode_actor
-            if lifted:
-                await store.delete_mode(drill.target)
-            tallies = _tallies_by_drill(await store.doc_list(TALLY_KIND)).get(drill_id, [])
+            docs = await store.doc_list(TALLY_KIND)
+            tally_docs = {key: raw for key, raw in docs.items() if _drill_of(key) == drill_id}
+            tally_keys = list(tally_docs)
+            if await store.doc_get(FINISHED_KIND, drill_id) is not None:
+                await self._clear(store, drill, tally_keys)  # a finisher stopped half-way
+                return
+            # Only the drill's exact mode: ops may have changed it meanwhile.
+            lifted = await store.delete_mode_if(drill.forced_mode())
+            tallies = _tallies_by_drill(tally_docs).get(drill_id, [])
             report = DrillReport.summed(drill, tallies)
             detail = {"drill": drill_id, "mode": drill.mode, "report": report.model_dump()}
             # Audited before it is marked finished: a retry may audit twice, never not at all.
@@ -539,9 +611,10 @@ class DrillRunner:
             await store.audit_append(
                 AuditRecord(now, FINISHER, "drill.end", drill.target, drill.reason, summary)
             )
-            finished = drill.model_copy(update={"finished_at": now})
-            await store.doc_put(DRILL_KIND, drill_id, finished.model_dump_json().encode())
-            await store.release(_target_lease(drill.target), drill_id)
+            finished = drill.model_copy(update={"finished_at": now, "report": report})
+            value = finished.model_dump_json().encode()
+            await store.doc_put(FINISHED_KIND, drill_id, value, ttl_s=self._keep_s)
+            await self._clear(store, drill, tally_keys)
             log.info(
                 "drill_finished",
                 drill=drill_id,
@@ -556,12 +629,19 @@ class DrillRunner:
         finally:
             await store.release(lease, self.replica)
 
+    async def _clear(
+        self, store: StateStore, drill: DrillRecord, tally_keys: Iterable[str]
+    ) -> None:
+        """After the finished drill is written: its unfinished record, tallies and lease go."""
+        await store.doc_delete(DRILL_KIND, drill.id)
+        for key in tally_keys:
+            await store.doc_delete(TALLY_KIND, key)
+        await store.release(_target_lease(drill.target), drill.id)
+
     async def _undo(self, store: StateStore, drill: DrillRecord) -> None:
         """Best effort after a failed start; what stays behind ends by itself."""
         try:
-            forced = (await store.load_modes()).get(drill.target)
-            if forced is not None and forced.actor == drill.mode_actor:
-                await store.delete_mode(drill.target)
+            await store.delete_mode_if(drill.forced_mode())
             await store.doc_delete(DRILL_KIND, drill.id)
             await store.release(_target_lease(drill.target), drill.id)
         except Exception as exc:
@@ -584,10 +664,14 @@ def _target_lease(target: str) -> str:
     return f"drill-target:{target}"
 
 
+def _drill_of(tally_key: str) -> str:
+    return tally_key.split("/", 1)[0]
+
+
 def _tallies_by_drill(docs: dict[str, bytes]) -> dict[str, list[WorkerTally]]:
     found: dict[str, list[WorkerTally]] = {}
     for key, raw in docs.items():
         tally = _parsed(WorkerTally, raw)
         if tally is not None:
-            found.setdefault(key.split("/", 1)[0], []).append(tally)
+            found.setdefault(_drill_of(key), []).append(tally)
     return found

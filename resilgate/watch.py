@@ -23,6 +23,7 @@ import orjson
 
 from resilgate.alerts import AlertSender, cleared_event, incident_event, opened_event, warning_event
 from resilgate.config import Breaker, Config
+from resilgate.drills import is_drill_mode
 from resilgate.fleet import Fleet
 from resilgate.incidents import (
     Change,
@@ -53,6 +54,9 @@ JOURNAL_EVERY_S = 5.0
 VERDICT_FRESH_S = 60.0
 INCIDENT = ("incident", "current")
 ACTOR = "resilgate"
+# A drill's mode is lifted by its runner (which audits drill.end); the watcher takes over only
+# this long after the restore grace, when no worker seems to be left to finish the drill.
+DRILL_MODE_SPARE_S = 60.0
 
 
 def _loads(raw: bytes | None) -> dict[str, Any]:
@@ -257,15 +261,16 @@ class Watcher:
             self._alerts.send(incident_event(change, self.config.incident.window_s, gateway))
 
     async def _expire_modes(self, view: StateView, now: float) -> None:
-        """Delete modes past their expiry, each audited as ``mode.expired``."""
-        due = [m for m in view.modes.values() if m.expires_at is not None and m.expires_at <= now]
-        if not due:
-            return
-        stored = await view.store.load_modes()
-        for mode in due:
-            if stored.get(mode.target) != mode:
+        """Delete modes past their expiry, each audited as ``mode.expired``; a drill's only
+        once its runner should long have lifted it."""
+        spare_s = self.config.drills.restore_grace_s + DRILL_MODE_SPARE_S
+        for mode in list(view.modes.values()):
+            if mode.expires_at is None:
+                continue
+            if mode.expires_at + (spare_s if is_drill_mode(mode) else 0.0) > now:
+                continue
+            if not await view.store.delete_mode_if(mode):
                 continue  # changed or cleared since the view read it: not ours to lift
-            await view.store.delete_mode(mode.target)
             detail = f"mode={mode.mode} set_by={mode.actor} set_reason={mode.reason}"
             record = AuditRecord(now, ACTOR, "mode.expired", mode.target, "expiry reached", detail)
             await view.store.audit_append(record)

@@ -62,6 +62,19 @@ class MemoryStore(StateStore):
         self._modes.pop(target, None)
         self._changed.set()
 
+    async def put_mode_if_absent(self, mode: ForcedMode, now: float) -> ForcedMode | None:
+        present = self._modes.get(mode.target)
+        if present is not None and present.active(now):
+            return present
+        await self.put_mode(mode)
+        return None
+
+    async def delete_mode_if(self, expected: ForcedMode) -> bool:
+        if self._modes.get(expected.target) != expected:
+            return False
+        await self.delete_mode(expected.target)
+        return True
+
     async def load_modes(self) -> dict[str, ForcedMode]:
         return dict(self._modes)
 

@@ -2,7 +2,8 @@
 
 Layout under ``<namespace>:`` (one Redis, not Cluster: the Lua scripts touch keys they derive):
 
-- ``modes``, ``verdicts``: hashes, every write announced on the ``changes`` channel;
+- ``modes``, ``verdicts``: hashes, every write announced on the ``changes`` channel (Lua
+  scripts put a mode only if none is active, and delete one only if it is the expected one);
 - ``counters``: a hash, HINCRBY hands out blocks;
 - ``lease:<name>``: a hash of the holder's ``owner`` and ``until`` (the caller's clock), with
   PEXPIRE so a lease nobody renews goes by itself; Lua scripts take and release it;
@@ -458,6 +459,36 @@ out[#out + 1] = pruned
 return out
 """
 
+# KEYS: the modes. ARGV: target, the mode's JSON, now, the changes channel. Returns the mode
+# active at ``now`` that kept this one out, or nil once stored (and announced).
+PUT_MODE_IF_ABSENT_LUA = """
+local present = redis.call('HGET', KEYS[1], ARGV[1])
+if present then
+  local expires_at = cjson.decode(present)['expires_at']
+  if expires_at == nil or expires_at == cjson.null or expires_at > tonumber(ARGV[3]) then
+    return present
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[4], '1')
+return false
+"""
+
+# KEYS: the modes. ARGV: target, the expected mode's JSON, the changes channel. Deletes (and
+# announces) only if every field of the expected mode has the stored value: compared decoded,
+# so 5 and 5.0 are one number, as they are to the other backends. Returns 1 if deleted.
+DELETE_MODE_IF_LUA = """
+local present = redis.call('HGET', KEYS[1], ARGV[1])
+if not present then return 0 end
+local stored = cjson.decode(present)
+for field, value in pairs(cjson.decode(ARGV[2])) do
+  if stored[field] ~= value then return 0 end
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[3], '1')
+return 1
+"""
+
 AUDIT_APPEND_LUA = """
 local n = redis.call('INCR', KEYS[2])
 redis.call('ZADD', KEYS[1], ARGV[1], string.format('%020d', n) .. ARGV[2])
@@ -545,6 +576,8 @@ class RedisStore(StateStore):
         self._docs = client.register_script(DOCS_LUA)
         self._trim = client.register_script(TRIM_LUA)
         self._audit_append = client.register_script(AUDIT_APPEND_LUA)
+        self._put_mode_if_absent = client.register_script(PUT_MODE_IF_ABSENT_LUA)
+        self._delete_mode_if = client.register_script(DELETE_MODE_IF_LUA)
         self._lease = client.register_script(LEASE_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._cache_put = client.register_script(CACHE_PUT_LUA)
@@ -644,6 +677,16 @@ class RedisStore(StateStore):
 
     async def delete_mode(self, target: str) -> None:
         await self._announce(lambda pipe: pipe.hdel(self._modes, target))
+
+    async def put_mode_if_absent(self, mode: ForcedMode, now: float) -> ForcedMode | None:
+        args: list[str | bytes] = [mode.target, mode.to_json(), repr(now), self._channel]
+        present = await self._call(lambda: self._put_mode_if_absent(keys=[self._modes], args=args))
+        return None if present is None else ForcedMode.from_json(present)
+
+    async def delete_mode_if(self, expected: ForcedMode) -> bool:
+        args: list[str | bytes] = [expected.target, expected.to_json(), self._channel]
+        deleted = await self._call(lambda: self._delete_mode_if(keys=[self._modes], args=args))
+        return bool(deleted == 1)
 
     async def load_modes(self) -> dict[str, ForcedMode]:
         raw = await self._call(lambda: self._redis().hgetall(self._modes))

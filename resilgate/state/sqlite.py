@@ -1,10 +1,11 @@
 """The embedded default: one SQLite file in WAL mode, shared by every worker process of a node.
 
 Each process opens its own connection, in autocommit mode. Nearly every write is one SQL
-statement and so one transaction of its own: atomic across processes. The exception is
-``cache_put`` with a size bound, which runs several statements in one transaction; it holds the
-connection's lock meanwhile, which every statement takes, so no other coroutine's statement can
-slip into it. (``open`` also runs such transactions, before anything else uses the connection.)
+statement and so one transaction of its own: atomic across processes. The exceptions are
+``cache_put`` with a size bound and ``put_mode_if_absent``, which run several statements in
+one transaction; each holds the connection's lock meanwhile, which every statement takes, so
+no other coroutine's statement can slip into it. (``open`` also runs such transactions, before
+anything else uses the connection.)
 """
 
 from __future__ import annotations
@@ -206,6 +207,29 @@ class SqliteStore(StateStore):
     async def delete_mode(self, target: str) -> None:
         await self._query("DELETE FROM modes WHERE target = ?", (target,))
         self._changed.set()
+
+    async def put_mode_if_absent(self, mode: ForcedMode, now: float) -> ForcedMode | None:
+        async with self._transaction():
+            rows = await self._run(
+                "SELECT * FROM modes WHERE target = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (mode.target, now),
+            )
+            if rows:
+                return ForcedMode(*rows[0])
+            await self._run("INSERT OR REPLACE INTO modes VALUES (?, ?, ?, ?, ?, ?)", astuple(mode))
+        self._changed.set()
+        return None
+
+    async def delete_mode_if(self, expected: ForcedMode) -> bool:
+        # Every column, and IS for expires_at: NULL = NULL would not match a mode with no end.
+        deleted = await self._query(
+            "DELETE FROM modes WHERE target = ? AND mode = ? AND reason = ? AND actor = ?"
+            " AND set_at = ? AND expires_at IS ? RETURNING 1",
+            astuple(expected),
+        )
+        if deleted:
+            self._changed.set()
+        return bool(deleted)
 
     async def load_modes(self) -> dict[str, ForcedMode]:
         rows = await self._query("SELECT * FROM modes")

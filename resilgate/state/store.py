@@ -67,6 +67,16 @@ class StateStore(ABC):
     async def delete_mode(self, target: str) -> None: ...
 
     @abstractmethod
+    async def put_mode_if_absent(self, mode: ForcedMode, now: float) -> ForcedMode | None:
+        """Store ``mode`` only if its target has no mode active at ``now`` (an expired one is
+        replaced), atomically across processes; None if stored, else the mode in the way."""
+
+    @abstractmethod
+    async def delete_mode_if(self, expected: ForcedMode) -> bool:
+        """Delete the target's mode only if it is ``expected`` in every field, atomically
+        across processes; True if deleted (a mode changed meanwhile is left alone)."""
+
+    @abstractmethod
     async def load_modes(self) -> dict[str, ForcedMode]: ...
 
     @abstractmethod

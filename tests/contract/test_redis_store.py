@@ -144,6 +144,39 @@ async def test_a_change_reaches_another_replica_well_within_a_second(
     assert max(lags) < 1.0
 
 
+async def test_conditional_mode_changes_reach_another_replica_and_keep_unknown_fields(
+    redis_server: RedisServer, open_store: OpenStore
+) -> None:
+    writer = await open_store(redis_server.url, "gw-a")
+    reader = await open_store(redis_server.url, "gw-b")
+    now = time.time()
+    drill = ForcedMode("his", "fallback", "drill D-1", "drill:D-1", now, now + 30)
+    await reader.wait_for_change(0)  # forget earlier announcements
+    assert await writer.put_mode_if_absent(drill, now) is None
+    assert await reader.wait_for_change(1.0), "a conditional put was not announced"
+    assert await reader.load_modes() == {"his": drill}
+    assert await reader.delete_mode_if(drill)
+    assert await writer.wait_for_change(1.0), "a conditional delete was not announced"
+    assert await writer.load_modes() == {}
+
+    # A newer replica's mode, with a field this version does not know: read as the fields it
+    # knows, so deleting the mode as read still matches it.
+    raw = Redis.from_url(redis_server.url)
+    try:
+        newer = (
+            b'{"target":"his","mode":"dr","reason":"r","actor":"ops","set_at":5,'
+            b'"expires_at":null,"scope":"fleet"}'
+        )
+        await raw.hset(f"{writer.namespace}:modes", "his", newer)
+    finally:
+        await raw.aclose()
+    [read] = (await writer.load_modes()).values()
+    assert await writer.put_mode_if_absent(drill, now) == read
+    assert not await writer.delete_mode_if(ForcedMode("his", "dr", "r", "ops", 5.0, 6.0))
+    assert await writer.delete_mode_if(read)
+    assert await writer.load_modes() == {}
+
+
 async def test_operations_fail_fast_while_redis_is_stopped_or_down(
     redis_server: RedisServer, open_store: OpenStore
 ) -> None:
@@ -154,6 +187,10 @@ async def test_operations_fail_fast_while_redis_is_stopped_or_down(
         "ping": store.ping,
         "load_modes": store.load_modes,
         "put_mode": lambda: store.put_mode(ForcedMode("his", "dr", "r", "ops", now)),
+        "put_mode_if_absent": lambda: store.put_mode_if_absent(
+            ForcedMode("his", "dr", "r", "ops", now), now
+        ),
+        "delete_mode_if": lambda: store.delete_mode_if(ForcedMode("his", "dr", "r", "ops", now)),
         "put_verdict": lambda: store.put_verdict(Verdict("his/a", "gw-a", "open", now)),
         "take_block": lambda: store.take_block("NEI", 1),
         "cache_get": lambda: store.cache_get("k"),

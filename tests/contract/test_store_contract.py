@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,54 @@ async def test_modes_round_trip_and_are_announced(store: StateStore) -> None:
     await store.delete_mode("his")
     assert await store.wait_for_change(1.0)
     assert set(await store.load_modes()) == {"insurance"}
+
+
+async def test_a_mode_is_put_only_where_none_is_active(store: StateStore) -> None:
+    await store.wait_for_change(0.01)  # settle anything announced at open
+    ops = ForcedMode("his", "dr", "db migration", "ops-bob", NOW, NOW + 10)
+    assert await store.put_mode_if_absent(ops, now=NOW) is None
+    assert await store.wait_for_change(1.0)
+    drill = ForcedMode("his", "fallback", "drill D-1: quarterly", "drill:D-1", NOW + 1, NOW + 61)
+    # Refused while the ops mode is active, with the mode in the way (ends exactly at NOW + 10).
+    assert await store.put_mode_if_absent(drill, now=NOW + 9.5) == ops
+    assert await store.load_modes() == {"his": ops}
+    assert await store.put_mode_if_absent(drill, now=NOW + 10) is None  # expired: replaced
+    assert await store.wait_for_change(1.0)
+    assert await store.load_modes() == {"his": drill}
+    # A mode with no end blocks at any time; other targets are free.
+    lasting = ForcedMode("insurance", "maintenance", "contract ended", "ops-ann", NOW)
+    assert await store.put_mode_if_absent(lasting, now=NOW) is None
+    assert await store.put_mode_if_absent(replace(lasting, actor="ops-li"), now=NOW + 1e9) == (
+        lasting
+    )
+    assert await store.load_modes() == {"his": drill, "insurance": lasting}
+
+
+async def test_a_mode_is_deleted_only_if_it_is_the_expected_one(store: StateStore) -> None:
+    drill = ForcedMode("his", "fallback", "drill D-1: quarterly", "drill:D-1", NOW + 0.1, NOW + 30)
+    await store.put_mode(drill)
+    for other in (
+        replace(drill, reason="drill D-1"),
+        replace(drill, actor="drill:D-2"),
+        replace(drill, mode="maintenance"),
+        replace(drill, set_at=drill.set_at + 0.001),
+        replace(drill, expires_at=None),
+        replace(drill, expires_at=NOW + 31),
+        replace(drill, target="insurance"),
+    ):
+        assert not await store.delete_mode_if(other), other
+    assert await store.load_modes() == {"his": drill}
+    # Ops forced another mode meanwhile: the drill's end leaves it alone.
+    ops = ForcedMode("his", "primary", "DR site down", "ops-bob", NOW + 5)
+    await store.put_mode(ops)
+    assert not await store.delete_mode_if(drill)
+    assert await store.load_modes() == {"his": ops}
+    await store.wait_for_change(0.01)
+    loaded = (await store.load_modes())["his"]  # as a caller holds it: read back
+    assert await store.delete_mode_if(loaded)
+    assert await store.wait_for_change(1.0)
+    assert await store.load_modes() == {}
+    assert not await store.delete_mode_if(loaded)  # gone already: one caller deletes it
 
 
 async def test_verdicts_kept_per_replica(store: StateStore) -> None:
@@ -569,9 +618,9 @@ async def test_documents_expire_after_their_time_to_live(
     async def expired() -> bool:
         return await store.doc_get("drill", "d-1") is None
 
-    await wait_until_async(expired, timeout=5, what="a document to expire")
+    await wait_until_async(expired, within_s=5, what="a document to expire")
     await wait_until_async(
-        lambda: _has_no("drill", "d-4", store), timeout=5, what="the shortened one to expire"
+        lambda: _has_no("drill", "d-4", store), within_s=5, what="the shortened one to expire"
     )
     assert await store.doc_list("drill") == {"d-2": b"finished", "d-3": b"long"}
     if store.backend != "redis":  # Redis expires on its own clock, checked in its own tests
@@ -589,7 +638,7 @@ async def test_trim_counts_the_expired_documents_it_removes(store: StateStore) -
     await store.doc_put("traffic", "gw-b/2", b"live", ttl_s=3600)
     await store.doc_put("incident", "level", b"0")
     await wait_until_async(
-        lambda: _has_no("traffic", "gw-a/1", store), timeout=5, what="a document to expire"
+        lambda: _has_no("traffic", "gw-a/1", store), within_s=5, what="a document to expire"
     )
     keep = {"audit_keep_s": 1e6, "journal_keep_s": 1e6, "verdict_keep_s": 1e6}
     assert await store.trim(time.time(), **keep) == 1

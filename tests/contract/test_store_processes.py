@@ -87,14 +87,14 @@ class Child:
 
 
 class Rival:
-    """A process asking for the lease in lock step with another: the round number sent on its
-    stdin is answered with ``won`` or ``lost`` on its stdout, a pipe."""
+    """A process racing another in lock step: each line sent on its stdin (for the lease, the
+    round number) is answered with one line on its stdout, a pipe (``won`` or ``lost``)."""
 
-    def __init__(self, tmp_path: Path, db: Path | str, rounds: int) -> None:
-        self.err = tmp_path / f"lease-{next(_numbering)}.err"
+    def __init__(self, tmp_path: Path, db: Path | str, rounds: int, role: str = "lease") -> None:
+        self.err = tmp_path / f"{role}-{next(_numbering)}.err"
         with self.err.open("wb") as err:
             self.proc = subprocess.Popen(
-                [*_CHILD, "lease", str(db), str(rounds)],
+                [*_CHILD, role, str(db), str(rounds)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -232,6 +232,48 @@ def test_two_processes_asking_for_a_lease_at_once_never_both_get_it(
         for rival in rivals:
             rival.stop()
     print(f"{backend}: rounds won by each process: {wins}")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_processes_racing_for_a_mode_never_overwrite_or_delete_anothers(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    target = request.getfixturevalue("redis_server").url if backend == "redis" else None
+    rounds = 40
+    rivals = [Rival(tmp_path, target or tmp_path / "state.db", 6 * rounds, "modes") for _ in "ab"]
+    owners = [f"gw-{rival.proc.pid}" for rival in rivals]
+
+    def race(*commands: str) -> list[str]:
+        """Send each rival its command at once; their answers, in rival order."""
+        for rival, command in zip(rivals, commands, strict=True):
+            rival.send(command)
+        return [rival.receive() for rival in rivals]
+
+    try:
+        assert [rival.receive() for rival in rivals] == ["ready", "ready"]
+        for rival in rivals:
+            rival.send("go")
+        lifted_first = 0
+        for r in range(rounds):
+            # Two drills starting at once: one mode is stored, the other start is refused.
+            answers = race(f"claim {r}", f"claim {r}")
+            winner = answers.index("stored")
+            assert answers[1 - winner] == f"blocked {owners[winner]}", f"round {r}: {answers}"
+            # Two finishers (or watchers) lifting the same mode at once: one deletes it.
+            assert race(f"plant {r}", f"show {r}")[0] == "ok"
+            answers = race(f"lift {r}", f"lift {r}")
+            assert sorted(answers) == ["deleted", "kept"], f"round {r}: {answers}"
+            # A drill's end racing an operator's PUT: the operator's mode always stays.
+            assert race(f"plant {r}", f"show {r}")[0] == "ok"
+            lifter = r % 2
+            answers = race(*(f"lift {r}" if n == lifter else f"force {r}" for n in range(2)))
+            lifted_first += answers[lifter] == "deleted"
+            assert race(f"show {r}", f"show {r}") == ["ops-ann", "ops-ann"], f"round {r}"
+        assert [rival.proc.wait(10) for rival in rivals] == [0, 0]
+    finally:
+        for rival in rivals:
+            rival.stop()
+    print(f"{backend}: the drill's end came before the operator's PUT {lifted_first}/{rounds}")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
@@ -477,6 +519,33 @@ async def _lease(store: StateStore, count: int) -> None:
         _say("won" if won else "lost")
 
 
+def _drill_mode(round_: int) -> ForcedMode:
+    return ForcedMode(f"race-{round_}", "fallback", "drill", "drill:D-race", round_ + 0.5, 1e10)
+
+
+async def _modes(store: StateStore, count: int) -> None:
+    # One command a line ("<what> <round>"), one answer a line: the rival's side of the races.
+    owner = f"gw-{os.getpid()}"
+    for _ in range(count):
+        what, round_ = (await asyncio.to_thread(sys.stdin.readline)).split()
+        drill, n = _drill_mode(int(round_)), int(round_)
+        if what == "claim":
+            mine = ForcedMode(f"claim-{n}", "fallback", "drill", owner, time.time(), 1e10)
+            blocker = await store.put_mode_if_absent(mine, now=time.time())
+            _say("stored" if blocker is None else f"blocked {blocker.actor}")
+        elif what == "lift":
+            _say("deleted" if await store.delete_mode_if(drill) else "kept")
+        elif what == "plant":
+            await store.put_mode(drill)
+            _say("ok")
+        elif what == "force":
+            await store.put_mode(ForcedMode(drill.target, "maintenance", "outage", "ops-ann", n))
+            _say("ok")
+        else:
+            shown = (await store.load_modes()).get(drill.target)
+            _say("none" if shown is None else shown.actor)
+
+
 async def _append(store: StateStore, count: int) -> None:
     for n in range(count):
         entry = JournalEntry(f"ticket-{n}", "/fhir/Encounter", b'{"n": %d}' % n, time.time())
@@ -547,6 +616,7 @@ async def _child(role: str, db: str, count: int) -> None:
         "put_mode": _put_mode,
         "watch": _watch,
         "lease": _lease,
+        "modes": _modes,
         "replay": _replay,
         "cache": _cache,
     }

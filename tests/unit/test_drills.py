@@ -10,12 +10,15 @@ import pytest
 
 from resilgate.config import Config
 from resilgate.drills import (
+    DRILL_KIND,
+    FINISHED_KIND,
     TALLY_KIND,
     DrillRecord,
     DrillRefused,
     DrillRunner,
     InvalidDrill,
     UnknownDrillTarget,
+    mode_in_the_way,
 )
 from resilgate.outcomes import RequestOutcome
 from resilgate.state.memory import MemoryStore
@@ -24,6 +27,7 @@ from resilgate.state.store import StoreUnavailable
 
 T0 = 1_700_000_000.0
 GRACE_S = 2.0
+KEEP_DAYS = 30.0
 
 
 class Clock:
@@ -55,6 +59,7 @@ CONFIG = Config.model_validate(
             {"name": "lab-read", "upstream": "lab", "match": {"path_prefix": "/lab/"}},
         ],
         "drills": {"restore_grace_s": GRACE_S},
+        "state": {"audit_retention_days": KEEP_DAYS},
     }
 )
 
@@ -88,11 +93,20 @@ def notice(at: float) -> RequestOutcome:
 
 
 class FlakyStore(MemoryStore):
-    """The memory store, whose calls named in ``down`` fail as if it were unreachable."""
+    """The memory store, whose calls named in ``down`` fail as if it were unreachable; and
+    ``after_load`` runs right after a read of the modes (another process's write landing)."""
 
     def __init__(self, clock: Clock) -> None:
         super().__init__(clock)
         self.down: set[str] = set()
+        self.after_load: ForcedMode | None = None
+
+    async def load_modes(self) -> dict[str, ForcedMode]:
+        modes = await super().load_modes()
+        if self.after_load is not None:
+            await super().put_mode(self.after_load)
+            self.after_load = None
+        return modes
 
     def _reach(self, call: str) -> None:
         if call in self.down:
@@ -106,9 +120,13 @@ class FlakyStore(MemoryStore):
         self._reach("doc_put")
         await super().doc_put(kind, key, value, ttl_s)
 
-    async def put_mode(self, mode: ForcedMode) -> None:
+    async def doc_delete(self, kind: str, key: str) -> None:
+        self._reach("doc_delete")
+        await super().doc_delete(kind, key)
+
+    async def put_mode_if_absent(self, mode: ForcedMode, now: float) -> ForcedMode | None:
         self._reach("put_mode")
-        await super().put_mode(mode)
+        return await super().put_mode_if_absent(mode, now)
 
 
 class Fleet:
@@ -385,3 +403,110 @@ async def test_a_drill_on_a_target_this_config_lacks_is_still_finished(fleet: Fl
     fleet.clock.now = record.ends_at + GRACE_S + 1
     await fleet.tick()
     assert (await fleet.a.view(record.id)).state == "finished"  # type: ignore[union-attr]
+
+
+def ops_mode(target: str, expires_at: float | None = None) -> ForcedMode:
+    return ForcedMode(target, "maintenance", "patching", "ops-bob", T0 - 1, expires_at)
+
+
+@pytest.mark.parametrize(
+    ("forced_on", "drilled", "refused"),
+    [
+        ("his", "his-write", True),  # the route's own mode would override its upstream's
+        ("his/primary", "his-read", True),  # the upstream's endpoint
+        ("his/dr", "his", True),
+        ("his-read", "his", True),  # one of the upstream's routes
+        ("his-read", "his-write", False),  # a sibling route: its own mode stands
+        ("his", "lab-read", False),  # another upstream
+        ("lab/primary", "his", False),
+    ],
+)
+async def test_a_drill_is_refused_while_ops_hold_a_mode_it_would_override(
+    fleet: Fleet, forced_on: str, drilled: str, refused: bool
+) -> None:
+    await fleet.store.put_mode(ops_mode(forced_on))
+    if not refused:
+        assert (await fleet.a.start(drilled, "fallback", 10, "r", "ops")).state == "running"
+        return
+    with pytest.raises(DrillRefused) as caught:
+        await fleet.a.start(drilled, "fallback", 10, "r", "ops")
+    assert str(caught.value) == (
+        f"{forced_on} (related to {drilled}) is in maintenance mode, forced by ops-bob: patching"
+    )
+    assert await fleet.store.load_modes() == {forced_on: ops_mode(forced_on)}
+    assert await fleet.store.doc_list(DRILL_KIND) == {}
+    assert await fleet.store.audit_list() == []
+
+
+def test_only_active_operator_modes_on_related_targets_are_in_the_way() -> None:
+    drill = ForcedMode("his-read", "fallback", "drill D-1: r", "drill:D-1", T0, T0 + 10)
+    modes = {"his-read": drill, "his/primary": ops_mode("his/primary", expires_at=T0)}
+    related = ("his-read", "his-write", "his/primary", "his/dr")
+    # Another drill's mode on a route, an operator's that expired: neither is in the way.
+    assert mode_in_the_way("his", related, modes, T0) is None
+    assert mode_in_the_way("his", related, modes, T0 - 0.1) == modes["his/primary"]
+    # On the target itself, any active mode is (a drill's too).
+    assert mode_in_the_way("his-read", ("his",), modes, T0) == drill
+    assert mode_in_the_way("his-read", ("his",), modes, T0 + 10) is None
+
+
+async def test_an_operators_put_landing_after_the_check_wins_and_the_drill_is_refused(
+    fleet: Fleet,
+) -> None:
+    ops = ops_mode("his")
+    fleet.store.after_load = ops  # the PUT lands between the drill's check and its own put
+    with pytest.raises(DrillRefused, match=r"^his is in maintenance mode, forced by ops-bob"):
+        await fleet.a.start("his", "fallback", 10, "r", "ops")
+    assert await fleet.store.load_modes() == {"his": ops}
+    assert await fleet.store.doc_list(DRILL_KIND) == {}
+    assert await fleet.store.audit_list() == []
+    await fleet.store.delete_mode("his")  # the target's drill lease was given back
+    assert (await fleet.a.start("his", "fallback", 10, "r", "ops")).state == "running"
+
+
+async def test_a_finished_drill_keeps_its_report_for_the_audit_retention(fleet: Fleet) -> None:
+    drill = await fleet.a.start("his", "fallback", 10, "drill", "ops")
+    await fleet.b.tick()
+    fleet.a.record(journaled(T0 + 1))
+    fleet.b.record(journaled(T0 + 2))
+    fleet.clock.now = drill.ends_at + GRACE_S + 1
+    await fleet.a.tick()  # a finishes it, before b's last look
+    store = fleet.store
+    assert await store.doc_list(DRILL_KIND) == {}  # the workers' twice-a-second read is empty
+    assert await store.doc_list(TALLY_KIND) == {}
+    assert list(await store.doc_list(FINISHED_KIND)) == [drill.id]
+
+    # b counted one more before it saw the drill finished: its last flush lands after the
+    # finish, changes nothing in the report, and does not stay forever.
+    fleet.b.record(journaled(T0 + 3, duration_s=0.5))
+    await fleet.b.tick()
+    assert list(await store.doc_list(TALLY_KIND)) == [f"{drill.id}/host/2"]
+    [listed] = await fleet.b.list()
+    assert listed.state == "finished" and listed.report.fallback_serves == {"journal": 1}
+    assert await fleet.b.view(drill.id) == listed
+
+    fleet.clock.now += KEEP_DAYS * 86400 - 1
+    assert [d.id for d in await fleet.a.list()] == [drill.id]
+    fleet.clock.now += GRACE_S + 3
+    assert await fleet.a.list() == []
+    assert await fleet.a.view(drill.id) is None
+    assert await store.doc_list(TALLY_KIND) == {}
+
+
+async def test_a_finish_stopped_half_way_is_completed_without_a_second_report(
+    fleet: Fleet,
+) -> None:
+    drill = await fleet.a.start("his", "fallback", 10, "drill", "ops")
+    fleet.a.record(journaled(T0 + 1))
+    await fleet.a.tick()
+    fleet.clock.now = drill.ends_at + GRACE_S + 1
+    fleet.store.down = {"doc_delete"}  # the finished drill is written, then the store goes
+    with pytest.raises(StoreUnavailable):
+        await fleet.a.tick()
+    assert (await fleet.b.view(drill.id)).state == "finished"  # type: ignore[union-attr]
+    fleet.store.down = set()
+    await fleet.tick()
+    assert await fleet.store.doc_list(DRILL_KIND) == {}
+    assert await fleet.store.doc_list(TALLY_KIND) == {}
+    assert [action for action, _, _ in await fleet.audit()] == ["drill.start", "drill.end"]
+    assert (await fleet.b.start("his", "maintenance", 10, "r", "ops")).state == "running"

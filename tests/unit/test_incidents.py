@@ -476,6 +476,49 @@ async def test_an_expired_mode_is_lifted_and_audited(hooks: WebhookReceiver) -> 
     assert "set_by=ops-bob" in record.detail
 
 
+async def test_a_drills_mode_is_left_to_its_runner_until_long_past_its_end(
+    hooks: WebhookReceiver,
+) -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    config = watcher_config(hooks.url)
+    worker = Worker("host/1", config, store, clock)
+    end = clock.now + 10
+    drill = ForcedMode("his", "fallback", "drill D-1: quarterly", "drill:D-1", clock.now, end)
+    fence = ForcedMode("his/primary", "maintenance", "patching", "ops-bob", clock.now, end)
+    for mode in (drill, fence):
+        await store.put_mode(mode)
+    clock.now = end  # both ended: the operator's is the watcher's to lift, the drill's is not
+    await worker.tick()
+    assert await store.load_modes() == {"his": drill}
+    # In case no worker is left to finish the drill: lifted once long past its end.
+    clock.now = end + config.drills.restore_grace_s + 59.9
+    await worker.tick()
+    assert await store.load_modes() == {"his": drill}
+    clock.now = end + config.drills.restore_grace_s + 60
+    await worker.tick()
+    assert await store.load_modes() == {}
+    expired = [(r.action, r.target) for r in reversed(await store.audit_list())]
+    assert expired == [("mode.expired", "his/primary"), ("mode.expired", "his")]
+    assert "set_by=drill:D-1" in (await store.audit_list())[0].detail
+
+
+async def test_the_watcher_lifts_only_the_mode_it_saw_expire(hooks: WebhookReceiver) -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    worker = Worker("host/1", watcher_config(hooks.url), store, clock)
+    expiring = ForcedMode("his", "dr", "move", "ops-ann", clock.now, clock.now + 5)
+    await store.put_mode(expiring)
+    clock.now += 5
+    await worker.view.refresh()  # the watcher's view holds the expired mode
+    again = ForcedMode("his", "dr", "move, for longer", "ops-li", clock.now, clock.now + 600)
+    await store.put_mode(again)  # an operator's PUT lands before the watcher lifts it
+    await worker.watcher.tick()
+    assert worker.watcher.leader
+    assert await store.load_modes() == {"his": again}
+    assert await store.audit_list() == []  # nothing expired, nothing said
+
+
 async def test_a_store_outage_is_logged_once_and_the_last_level_kept(
     hooks: WebhookReceiver, redis_server: RedisServer, tmp_path: Path
 ) -> None:
