@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,17 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = 
 
 
 async def wait_until_async(
-    condition: Callable[[], Awaitable[Any]], within_s: float = 10.0, what: str = "condition"
-) -> float:
-    """Poll an async ``condition`` until it holds; the wall-clock time it was first seen to."""
+    condition: Callable[[], Any], within_s: float = 10.0, what: str = "condition"
+) -> Any:
+    """Poll ``condition`` (sync, or async) on the running loop until it returns a truthy value,
+    which is returned, or ``within_s`` passes."""
     deadline = time.monotonic() + within_s
     while True:
-        if await condition():
-            return time.time()
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within_s}s waiting for {what}")
         await asyncio.sleep(0.02)

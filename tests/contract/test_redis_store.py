@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import signal
 import statistics
@@ -18,6 +17,7 @@ from redis.asyncio import Redis
 from resilgate.state.records import AuditRecord, ForcedMode, JournalEntry, Verdict
 from resilgate.state.redis import RedisStore
 from resilgate.state.store import DuplicateTicket, StoreUnavailable
+from tests.conftest import wait_until_async
 from tests.redis_server import DURABLE, RedisServer, redis_factory, redis_server
 
 __all__ = ["redis_factory", "redis_server"]  # fixtures used here
@@ -41,20 +41,6 @@ async def open_store(
     yield make
     for store in opened:
         await store.close()
-
-
-async def eventually(condition: Callable[[], Any], within_s: float, what: str) -> None:
-    """Poll ``condition`` (sync or async) until it is truthy, or fail after ``within_s``."""
-    deadline = time.monotonic() + within_s
-    while True:
-        value = condition()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def entry(ticket: str, queue: str = "his") -> JournalEntry:
@@ -97,7 +83,7 @@ async def test_sigkill_while_appending_500_loses_no_acknowledged_entry(
     restarted.set()
     await appender
     spooled_at_end = await store.spooled()
-    await eventually(lambda: _spool_empty(store), 15, "the spool to drain")
+    await wait_until_async(lambda: _spool_empty(store), 15, "the spool to drain")
     drained_at = time.monotonic()
 
     stored = await store.journal_list(limit=10_000)
@@ -221,7 +207,7 @@ async def test_operations_fail_fast_while_redis_is_stopped_or_down(
         assert spooled.seq == 0 and await store.spooled() == 1
         stopped = await all_fail_fast("stopped")
         assert "UNREACHABLE" in repr(store)
-    await eventually(lambda: _spool_empty(store), 10, "the spool to drain after SIGCONT")
+    await wait_until_async(lambda: _spool_empty(store), 10, "the spool to drain after SIGCONT")
     assert await store.journal_get("J-stopped") is not None
     assert "reachable, 0 journal entries spooled" in repr(store)
 
@@ -279,7 +265,7 @@ async def test_starts_with_redis_down_spools_across_a_restart_and_drains(
         await second.journal_append(entry(f"J-{n:02d}"))
     await asyncio.to_thread(server.start)
     assert await second.wait_for_change(5.0), "a reconnect must report possibly missed changes"
-    await eventually(lambda: _spool_empty(second), 10, "the spool to drain")
+    await wait_until_async(lambda: _spool_empty(second), 10, "the spool to drain")
     listed = await second.journal_list()
     assert [e.ticket for e in listed] == [f"J-{n:02d}" for n in range(20)]
     assert [e.seq for e in listed] == list(range(1, 21))
@@ -298,7 +284,7 @@ async def test_spooled_entries_keep_their_queue(
     spooled = await store.journal_get("I-1")
     assert spooled is not None and (spooled.queue, spooled.seq) == ("insurance", 0)
     await asyncio.to_thread(server.start)
-    await eventually(lambda: _spool_empty(store), 10, "the spool to drain")
+    await wait_until_async(lambda: _spool_empty(store), 10, "the spool to drain")
 
     moved = await store.journal_get("I-1")
     assert moved is not None and moved.queue == "insurance" and moved.seq > 0
@@ -367,7 +353,7 @@ async def test_cache_entries_redis_expired_itself_stop_counting_once_trimmed(
         for _ in range(3):
             for n in range(5):
                 await store.cache_put(f"record-{n}", b"r" * 100, ttl_s=0.02)
-            await eventually(gone, 5, "Redis to expire the values (PX)")
+            await wait_until_async(gone, 5, "Redis to expire the values (PX)")
             now[0] += 1  # and the caller's clock agrees
             assert await store.cache_bytes() == 10
             assert await store.trim(now[0], 3600, 3600, 3600) == 5
@@ -398,7 +384,7 @@ async def test_spool_of_a_worker_that_does_not_come_back_is_drained(
     only = await open_store(server.url, "node")  # the node comes back with one worker
     assert await only.spooled() == 6
     await asyncio.to_thread(server.start)
-    await eventually(lambda: _spool_empty(only), 10, "the spool to drain")
+    await wait_until_async(lambda: _spool_empty(only), 10, "the spool to drain")
     listed = [e.ticket for e in await only.journal_list()]
     assert sorted(listed) == ["A-0", "A-1", "A-2", "B-0", "B-1", "B-2"]
     assert listed.index("B-0") < listed.index("B-1") < listed.index("B-2")
@@ -421,13 +407,15 @@ async def test_documents_expire_in_redis_and_their_index_is_pruned(
         async def expired() -> bool:
             return await raw.exists(f"{ns}:doc:drill:d-1") == 0
 
-        await eventually(expired, 5, "Redis to expire the document (PX)")
+        await wait_until_async(expired, 5, "Redis to expire the document (PX)")
         assert await raw.smembers(f"{ns}:docs:drill") == {b"d-1"}  # until someone prunes it
         assert await store.doc_list("drill") == {}
         assert await raw.exists(f"{ns}:docs:drill") == 0
         assert await raw.smembers(f"{ns}:docs") == {b"traffic"}  # no keys left: kind dropped
         await store.doc_put("traffic", "gw-a/1", b"a2", ttl_s=0.05)
-        await eventually(lambda: _gone(raw, f"{ns}:doc:traffic:gw-a/1"), 5, "the second expiry")
+        await wait_until_async(
+            lambda: _gone(raw, f"{ns}:doc:traffic:gw-a/1"), 5, "the second expiry"
+        )
         assert await store.trim(time.time(), 3600, 3600, 3600) == 1  # trim prunes every kind
         assert await raw.smembers(f"{ns}:docs:traffic") == {b"gw-b/2"}
         assert await store.doc_list("traffic") == {"gw-b/2": b"b"}
@@ -487,7 +475,7 @@ async def test_a_spooled_entry_is_discarded_once_it_reached_redis(
     with pytest.raises(StoreUnavailable):  # not KeyError: the entry exists
         await store.journal_discard("J-0", "ops", time.time())
     await asyncio.to_thread(server.start)
-    await eventually(lambda: _spool_empty(store), 10, "the spool to drain")
+    await wait_until_async(lambda: _spool_empty(store), 10, "the spool to drain")
     assert await _stats(store) == {"his": (1, 0)}  # the move indexed its queue
     discarded = await store.journal_discard("J-0", "ops", time.time())
     assert discarded is not None and discarded.state == "discarded"

@@ -4,9 +4,7 @@ without ever repeating a number."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from resilgate.sealing import new_key_text
 from resilgate.state.memory import MemoryStore
 from resilgate.state.redis import RedisStore
 from resilgate.state.store import StateStore
+from tests.conftest import wait_until_async
 from tests.redis_server import RedisServer
 
 REG = "/reg/v1/registrations"
@@ -233,7 +232,9 @@ async def test_keyed_registrations_go_on_without_redis_and_a_second_number_is_fo
             assert elsewhere["k1"]["queueNo"] not in (first["queueNo"], before["queueNo"])
 
             redis_server.restart()
-            await until(lambda: not here._unchecked and not there._unchecked, 10, "confirmed")
+            await wait_until_async(
+                lambda: not here._unchecked and not there._unchecked, 10, "confirmed"
+            )
         dropped = {
             (r["ticket"], r["queue_no"], r["kept"])
             for r in logs
@@ -258,11 +259,3 @@ def read_payload(entry: Any) -> str:
     assert entry is not None and entry.seq > 0
     queue_no: str = orjson.loads(entry.payload)["queue_no"]
     return queue_no
-
-
-async def until(condition: Callable[[], bool], within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
-        await asyncio.sleep(0.05)

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ServerProcess, Spawner
+from tests.conftest import ServerProcess, Spawner, wait_until_async
 from tests.failover_stack import FAST_HEALTH, set_fault, start_stack, traffic
 from tests.gateway import VIEWER_TOKEN, start_gateway
 from tests.insurance_calls import FIXMEDINS, envelope, settle_input
@@ -30,17 +30,6 @@ Request = Callable[[aiohttp.ClientSession], Awaitable[aiohttp.ClientResponse]]
 def hooks() -> Iterator[WebhookReceiver]:
     with WebhookReceiver() as receiver:
         yield receiver
-
-
-async def until(condition: Callable[[], Any], within_s: float, what: str) -> Any:
-    """Poll ``condition`` while the load keeps running on this loop."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while not (value := condition()):
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return value
 
 
 class Load:
@@ -186,12 +175,12 @@ async def test_insurance_down_raises_the_incident_level_and_recovery_lowers_it(
     # A third of the core traffic is insurance: losing it all is level 2 (20-50 %).
     load = Load(insurance=(insurance_trials(gateway), 10), his=(patient_reads(gateway), 20))
     async with load:
-        await until(lambda: len(load.statuses["insurance"]) >= 20, 10, "traffic to flow")
+        await wait_until_async(lambda: len(load.statuses["insurance"]) >= 20, 10, "traffic to flow")
         assert levels(hooks) == [] and set(load.statuses["insurance"]) == {200}
         killed_at = time.monotonic()
         for sim in insurance:
             os.kill(sim.pid, signal.SIGKILL)
-        await until(lambda: 2 in levels(hooks), 20, "an incident_level 2 webhook")
+        await wait_until_async(lambda: 2 in levels(hooks), 20, "an incident_level 2 webhook")
         raised_after_s = hooks.arrivals("incident_level")[levels(hooks).index(2)] - killed_at
         shown = await shown_level(gateway, 2)
 
@@ -206,7 +195,7 @@ async def test_insurance_down_raises_the_incident_level_and_recovery_lowers_it(
             )
         )
         restarted_at = time.monotonic()
-        await until(lambda: levels(hooks)[-1] == 0, 30, "an incident_level 0 webhook")
+        await wait_until_async(lambda: levels(hooks)[-1] == 0, 30, "an incident_level 0 webhook")
         lowered_after_s = hooks.arrivals("incident_level")[-1] - restarted_at
     events = hooks.events("incident_level")
     report(
@@ -260,12 +249,18 @@ async def test_a_rising_error_rate_warns_before_the_breaker_opens(
     async with load:
         error_rate(0.1)
         at_first_step = traffic(stack.primary)
-        await until(lambda: traffic(stack.primary) >= at_first_step + 100, 10, "100 calls at 10 %")
+        await wait_until_async(
+            lambda: traffic(stack.primary) >= at_first_step + 100, 10, "100 calls at 10 %"
+        )
         error_rate(0.35)
-        await until(lambda: hooks.events("early_warning"), 15, "an early_warning webhook")
+        await wait_until_async(
+            lambda: hooks.events("early_warning"), 15, "an early_warning webhook"
+        )
         opened_before_warning = hooks.events("breaker_opened")
         error_rate(0.9)
-        await until(lambda: hooks.events("breaker_opened"), 10, "a breaker_opened webhook")
+        await wait_until_async(
+            lambda: hooks.events("breaker_opened"), 10, "a breaker_opened webhook"
+        )
     [warning] = hooks.events("early_warning")
     warned_at = hooks.arrivals("early_warning")[0]
     opened_at = hooks.arrivals("breaker_opened")[0]

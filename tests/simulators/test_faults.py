@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
@@ -15,25 +15,12 @@ from resilgate.config import FailureBody
 from resilgate.failure_body import body_failure
 from resilgate.simulators import SimulatorOptions
 from resilgate.simulators.faults import Action, SimControl, parse_fault
+from tests.conftest import wait_until_async
 from tests.insurance_calls import envelope, settle_input
 
 SHORT = aiohttp.ClientTimeout(total=0.5)
 INSURANCE_RULE = FailureBody(format="insurance_envelope")
 FHIR_RULE = FailureBody(format="fhir")
-
-
-async def eventually(
-    condition: Callable[[], Awaitable[Any]], within: float = 5.0, what: str = "condition"
-) -> Any:
-    """Poll an async ``condition`` until it is truthy or ``within`` seconds pass."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def set_fault(http: aiohttp.ClientSession, url: str, **fault: Any) -> dict[str, Any]:
@@ -145,7 +132,7 @@ async def test_hang_never_answers_until_the_fault_is_cleared(spawn: Any) -> None
                 return response.status
 
         waiting = asyncio.create_task(patient())
-        await eventually(lambda: in_flight(http, sim.url()), what="the request to hang")
+        await wait_until_async(lambda: in_flight(http, sim.url()), what="the request to hang")
         assert not waiting.done()
         async with http.delete(f"{sim.url()}/_sim/fault"):
             pass
@@ -162,7 +149,7 @@ async def test_stats_count_requests_in_flight_and_forget_clients_that_left(spawn
                 await response.read()
 
         clients = [asyncio.create_task(departments()) for _ in range(3)]
-        await eventually(
+        await wait_until_async(
             lambda: _equals(in_flight(http, sim.url()), 3), what="3 requests in flight"
         )
         async with http.get(f"{sim.url()}/health") as response:
@@ -170,7 +157,7 @@ async def test_stats_count_requests_in_flight_and_forget_clients_that_left(spawn
         for client in clients:
             client.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
-        await eventually(
+        await wait_until_async(
             lambda: _equals(in_flight(http, sim.url()), 0), what="hung requests to end"
         )
         async with http.get(f"{sim.url()}/_sim/stats") as response:
@@ -235,7 +222,7 @@ async def test_flap_alternates_between_failing_and_healthy(spawn: Any) -> None:
                 seen.append(response.status)
             return 500 in seen and 200 in seen and seen[-1] != seen[0]
 
-        await eventually(both_seen, within=5, what="flap to fail and recover")
+        await wait_until_async(both_seen, within_s=5, what="flap to fail and recover")
         assert seen[0] == 500  # flapping starts in the failing phase
 
 

@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +25,7 @@ from resilgate.alerts import (
 from resilgate.config import Alerts
 from resilgate.incidents import Change, EarlyWarning
 from resilgate.state.records import Verdict
+from tests.conftest import wait_until_async
 from tests.webhook_receiver import WebhookReceiver
 
 BACKOFF_S = 0.05
@@ -40,16 +41,6 @@ def alerts(*urls: str, **options: Any) -> Alerts:
 def hooks() -> Iterator[WebhookReceiver]:
     with WebhookReceiver() as receiver:
         yield receiver
-
-
-async def eventually(condition: Callable[[], Any], within_s: float, what: str) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while not (value := condition()):
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return value
 
 
 class Running:
@@ -90,7 +81,7 @@ async def test_a_failing_receiver_gets_the_alert_again_after_growing_waits(
     hooks.fail_next(3)
     async with Running(AlertSender(alerts(hooks.url), env={})) as sender:
         sender.send({"event": "incident_level", "level": 2})
-        await eventually(hooks.events, 5, "the alert to be accepted")
+        await wait_until_async(hooks.events, 5, "the alert to be accepted")
     posts = hooks.posts
     assert [p.status for p in posts] == [503, 503, 503, 204]
     gaps = [later.monotonic - earlier.monotonic for earlier, later in itertools.pairwise(posts)]
@@ -108,7 +99,7 @@ async def test_alerts_arrive_in_order_while_the_first_is_retried(hooks: WebhookR
     async with Running(AlertSender(alerts(hooks.url), env={})) as sender:
         for seq in range(5):
             sender.send({"event": "early_warning", "seq": seq})
-        await eventually(lambda: len(hooks.events()) == 5, 5, "five alerts")
+        await wait_until_async(lambda: len(hooks.events()) == 5, 5, "five alerts")
     assert [e["seq"] for e in hooks.events()] == [0, 1, 2, 3, 4]
     assert [p.event["seq"] for p in hooks.posts[:3]] == [0, 0, 0]
 
@@ -120,7 +111,7 @@ async def test_after_max_attempts_the_alert_is_given_up_and_the_next_one_goes(
     async with Running(AlertSender(alerts(hooks.url, max_attempts=3), env={})) as sender:
         sender.send({"event": "a"})
         sender.send({"event": "b"})
-        await eventually(lambda: hooks.events("b"), 5, "the second alert")
+        await wait_until_async(lambda: hooks.events("b"), 5, "the second alert")
     assert [(p.event["event"], p.status) for p in hooks.posts] == [
         ("a", 503),
         ("a", 503),
@@ -135,7 +126,7 @@ async def test_a_client_error_is_not_retried() -> None:
         async with Running(AlertSender(alerts(hooks.url), env={})) as sender:
             sender.send({"event": "a"})
             sender.send({"event": "b"})
-            await eventually(lambda: hooks.events("b"), 5, "the second alert")
+            await wait_until_async(lambda: hooks.events("b"), 5, "the second alert")
         assert [p.status for p in hooks.posts] == [400, 204]
 
 
@@ -145,7 +136,7 @@ async def test_a_full_queue_drops_the_oldest_alert(hooks: WebhookReceiver) -> No
         sender.send({"event": "e", "seq": seq})
     assert "2 queued, 0 delivered, 0 failed, 2 dropped" in repr(sender)
     async with Running(sender):
-        await eventually(lambda: len(hooks.events()) == 2, 5, "the two queued alerts")
+        await wait_until_async(lambda: len(hooks.events()) == 2, 5, "the two queued alerts")
     assert [e["seq"] for e in hooks.events()] == [2, 3]
 
 
@@ -157,7 +148,7 @@ async def test_send_returns_at_once_while_a_webhook_hangs() -> None:
     config = alerts(f"http://127.0.0.1:{port}/hook", timeout_s=30)
     async with Running(AlertSender(config, env={})) as sender:
         sender.send({"event": "first"})
-        await eventually(lambda: held, 5, "the first POST to connect")
+        await wait_until_async(lambda: held, 5, "the first POST to connect")
         started = time.perf_counter()
         for _ in range(100):
             sender.send({"event": "more"})
@@ -174,7 +165,7 @@ async def test_posts_are_signed_with_the_configured_secret(hooks: WebhookReceive
     config = alerts(hooks.url, secret_env="TEST_HOOK_SECRET")
     async with Running(AlertSender(config, env={"TEST_HOOK_SECRET": SECRET})) as sender:
         sender.send({"event": "breaker_opened"})
-        [post] = await eventually(lambda: hooks.posts, 5, "the alert")
+        [post] = await wait_until_async(lambda: hooks.posts, 5, "the alert")
     expected = hmac.new(SECRET.encode(), post.body, hashlib.sha256).hexdigest()
     assert post.headers["X-Resilgate-Signature"] == f"sha256={expected}"
     assert "signed" in repr(sender)
@@ -188,7 +179,9 @@ async def test_every_webhook_gets_every_alert_even_when_another_is_down(
         async with Running(AlertSender(config, env={})) as sender:
             for seq in range(3):
                 sender.send({"event": "e", "seq": seq})
-            await eventually(lambda: len(hooks.events()) == 3, 5, "all alerts at the good one")
+            await wait_until_async(
+                lambda: len(hooks.events()) == 3, 5, "all alerts at the good one"
+            )
     assert [e["seq"] for e in hooks.events()] == [0, 1, 2]
 
 

@@ -40,6 +40,7 @@ from resilgate.state.view import StateView
 from resilgate.traffic import TrafficWindow
 from resilgate.upstream import clusters_from
 from resilgate.watch import Watcher
+from tests.conftest import wait_until_async
 from tests.redis_server import RedisServer
 from tests.webhook_receiver import WebhookReceiver
 
@@ -369,16 +370,6 @@ def hooks() -> Iterator[WebhookReceiver]:
         yield receiver
 
 
-async def eventually(condition: Callable[[], Any], within_s: float, what: str) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while not (value := condition()):
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return value
-
-
 async def test_the_leader_alerts_once_and_a_new_leader_does_not_repeat_it(
     hooks: WebhookReceiver,
 ) -> None:
@@ -395,7 +386,7 @@ async def test_the_leader_alerts_once_and_a_new_leader_does_not_repeat_it(
         b.requests(ok=20, failed=0)  # 10 of 40 affected: level 2
         await b.tick()  # b publishes its traffic first
         await a.tick()
-        await eventually(lambda: hooks.events("incident_level"), 5, "the level 2 alert")
+        await wait_until_async(lambda: hooks.events("incident_level"), 5, "the level 2 alert")
         await b.tick()
         assert b.watcher.incident["level"] == 2 and b.watcher.incident["leader"] == "host/1"
         # a stops; its lease runs out and b takes over, reading what a decided.
@@ -407,7 +398,7 @@ async def test_the_leader_alerts_once_and_a_new_leader_does_not_repeat_it(
         await b.tick()
         clock.now += 5
         await b.tick()
-        events = await eventually(lambda: hooks.events("incident_level")[1:], 5, "level 0")
+        events = await wait_until_async(lambda: hooks.events("incident_level")[1:], 5, "level 0")
     finally:
         for task in senders:
             task.cancel()
@@ -438,7 +429,7 @@ async def test_an_early_warning_then_the_breaker_opening_each_sent_once(
         await store.put_verdict(Verdict("his/primary", "host/1", "open", clock.now))
         await worker.tick()
         await worker.tick()
-        await eventually(lambda: len(hooks.posts) >= 3, 5, "three alerts")
+        await wait_until_async(lambda: len(hooks.posts) >= 3, 5, "three alerts")
     finally:
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
