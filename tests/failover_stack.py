@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from tests.conftest import REPO, ServerProcess, Spawner, wait_until
-from tests.gateway import OPERATOR_TOKEN, start_gateway
+from tests.conftest import ServerProcess, Spawner, wait_until
+from tests.gateway import admin_cli_ok, start_gateway
 
 FAST_HEALTH: dict[str, Any] = {
     "breaker": {"consecutive_failures": 5, "open_s": 1.0, "max_open_s": 4.0},
@@ -50,21 +47,7 @@ def sim_call(server: ServerProcess, method: str, path: str, body: Any = None) ->
 
 def set_mode(stack: Stack, *args: str) -> None:
     """``resilgate mode ...`` against the gateway's admin API, as ops would run it."""
-    env = {
-        **os.environ,
-        "RESILGATE_ADMIN_URL": stack.gateway.url("admin"),
-        "RESILGATE_ADMIN_TOKEN": OPERATOR_TOKEN,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "resilgate", "mode", *args],
-        capture_output=True,
-        cwd=REPO,
-        env=env,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, f"resilgate mode {' '.join(args)}: {done.stderr}"
+    admin_cli_ok("mode", *args, admin=stack.gateway)
 
 
 def set_fault(server: ServerProcess, **fault: Any) -> None:

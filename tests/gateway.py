@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.conftest import ServerProcess, Spawner
+from tests.conftest import REPO, ServerProcess, Spawner
 
 # Admin API tokens of every test gateway (test-only values; the config holds their hashes).
 VIEWER_TOKEN = "test-viewer-token-0123456789abcdef"
@@ -72,3 +75,31 @@ def start_gateway(
 
 def primary(url: str, name: str = "primary") -> list[dict[str, Any]]:
     return [{"name": name, "url": url, "priority": 0}]
+
+
+def admin_cli(
+    *args: str, admin: ServerProcess | str | None, token: str | None = OPERATOR_TOKEN
+) -> subprocess.CompletedProcess[str]:
+    """``resilgate ARGS`` as ops run it: against ``admin`` (a gateway, or a URL) with
+    ``token``, both from the environment (None leaves them unset)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESILGATE_ADMIN_")}
+    if admin is not None:
+        env["RESILGATE_ADMIN_URL"] = admin if isinstance(admin, str) else admin.url("admin")
+    if token is not None:
+        env["RESILGATE_ADMIN_TOKEN"] = token
+    return subprocess.run(
+        [sys.executable, "-m", "resilgate", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def admin_cli_ok(*args: str, admin: ServerProcess, token: str = OPERATOR_TOKEN) -> str:
+    """Its output; the command must succeed."""
+    done = admin_cli(*args, admin=admin, token=token)
+    assert done.returncode == 0, f"resilgate {' '.join(args)}: {done.stderr}"
+    return done.stdout

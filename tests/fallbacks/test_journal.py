@@ -6,10 +6,7 @@ read-only replica, so writes have only the primary."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from datetime import datetime
@@ -21,9 +18,9 @@ import pytest
 
 from fallbacks.journal import replay_state, same_resource, write_kind
 from resilgate.fallback import TICKETS_PATH
-from tests.conftest import REPO, ServerProcess, Spawner, wait_until
+from tests.conftest import ServerProcess, Spawner, wait_until
 from tests.failover_stack import FAST_HEALTH, Stack, set_mode, sim_call, start_stack, traffic
-from tests.gateway import OPERATOR_TOKEN, VIEWER_TOKEN
+from tests.gateway import OPERATOR_TOKEN, VIEWER_TOKEN, admin_cli, admin_cli_ok
 
 FHIR = "application/fhir+json"
 SYSTEM = "urn:resilgate:ticket"
@@ -130,24 +127,10 @@ def journal_cli(
 ) -> str:
     """``resilgate journal ...`` against the gateway's admin API, as ops would run it; its
     output (and, unchecked, its errors)."""
-    env = {
-        **os.environ,
-        "RESILGATE_ADMIN_URL": gateway.url("admin"),
-        "RESILGATE_ADMIN_TOKEN": token,
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "resilgate", "journal", *args],
-        capture_output=True,
-        cwd=REPO,
-        env=env,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if not check:
-        return done.stdout + done.stderr
-    assert done.returncode == 0, f"resilgate journal {' '.join(args)}: {done.stderr}"
-    return done.stdout
+    if check:
+        return admin_cli_ok("journal", *args, admin=gateway, token=token)
+    done = admin_cli("journal", *args, admin=gateway, token=token)
+    return done.stdout + done.stderr
 
 
 def journal_entries(gateway: ServerProcess, *args: str) -> list[dict[str, Any]]:

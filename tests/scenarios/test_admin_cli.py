@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import socket
 import subprocess
-import sys
 import textwrap
 import urllib.error
 import urllib.request
@@ -19,8 +17,15 @@ import yaml
 
 from resilgate.admin.auth import token_hash
 from resilgate.config import AdminToken
-from tests.conftest import REPO, ServerProcess, Spawner, wait_until
-from tests.gateway import ADMIN_TOKENS, OPERATOR_TOKEN, VIEWER_TOKEN, primary, start_gateway
+from tests.conftest import ServerProcess, Spawner, wait_until
+from tests.gateway import (
+    ADMIN_TOKENS,
+    OPERATOR_TOKEN,
+    VIEWER_TOKEN,
+    admin_cli,
+    primary,
+    start_gateway,
+)
 
 # No fallback: a route ops put in maintenance answers 503 upstream_in_maintenance.
 ROUTES = [{"name": "all", "upstream": "echo", "match": {"path_prefix": "/"}, "criticality": "core"}]
@@ -37,20 +42,7 @@ def cli(
     *args: str, admin: ServerProcess | str | None = None, token: str | None = VIEWER_TOKEN
 ) -> subprocess.CompletedProcess[str]:
     """``resilgate ...`` as ops run it: the admin URL and token come from the environment."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RESILGATE_ADMIN_")}
-    if admin is not None:
-        env["RESILGATE_ADMIN_URL"] = admin if isinstance(admin, str) else admin.url("admin")
-    if token is not None:
-        env["RESILGATE_ADMIN_TOKEN"] = token
-    return subprocess.run(
-        [sys.executable, "-m", "resilgate", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=30,
-        check=False,
-    )
+    return admin_cli(*args, admin=admin, token=token)
 
 
 def ok(*args: str, admin: ServerProcess, token: str = VIEWER_TOKEN) -> str:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +12,8 @@ from pathlib import Path
 import aiohttp
 
 from resilgate.state.records import JournalEntry
-from tests.conftest import REPO, ServerProcess, Spawner, wait_until
-from tests.gateway import OPERATOR_TOKEN, primary, start_gateway
+from tests.conftest import ServerProcess, Spawner, wait_until
+from tests.gateway import admin_cli_ok, primary, start_gateway
 from tests.redis_server import RedisServer
 
 ROUTES = [{"name": "all", "upstream": "echo", "match": {"path_prefix": "/"}}]
@@ -33,22 +30,7 @@ def seen_lags(gateway: ServerProcess, target: str) -> dict[int, float]:
 
 def resilgate_mode(gateway: ServerProcess, *args: str) -> str:
     """Run ``resilgate mode ...`` the way ops would, against a gateway's admin API."""
-    env = {
-        **os.environ,
-        "RESILGATE_ADMIN_URL": gateway.url("admin"),
-        "RESILGATE_ADMIN_TOKEN": OPERATOR_TOKEN,
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "resilgate", "mode", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return admin_cli_ok("mode", *args, admin=gateway)
 
 
 async def set_mode_and_measure(
