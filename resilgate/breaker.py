@@ -137,8 +137,8 @@ class EndpointBreaker:
     Closed: opens on ``consecutive_failures`` in a row, or once the window holds ``min_calls``
     and the failure or slow-call share reaches its rate. Open: for ``open_s`` doubling with
     each opening in a row, capped and jittered. Half-open: up to ``half_open_trials`` trials at
-    once while ``trials_allowed`` (the engine's fleet lease); ``close_after`` passed trials
-    close it, one failed trial opens it again.
+    once while ``trials_allowed`` (the engine's fleet lease, meant for a worker that
+    ``wants_trials``); ``close_after`` passed trials close it, one failed trial opens it again.
     """
 
     def __init__(
@@ -167,6 +167,7 @@ class EndpointBreaker:
         self._open_reason = ""
         self._trials_out = 0
         self._trials_passed = 0
+        self._asked_at = -math.inf  # the last call that asked, let through or not
 
     @property
     def state(self) -> BreakerState:
@@ -177,12 +178,31 @@ class EndpointBreaker:
     def open_remaining_s(self) -> float:
         return self._circuit.open_remaining if self.state == "open" else 0.0
 
-    def allows(self) -> bool:
-        """Whether ``admit`` would let a call through now (reserves nothing)."""
+    @property
+    def trials_out(self) -> int:
+        """Trials admitted in this half-open period and not yet back; 0 in other states."""
+        return self._trials_out if self.state == "half_open" else 0
+
+    @property
+    def idle_s(self) -> float:
+        """Seconds since a call last asked (``allows`` or ``admit``); inf if none ever did."""
+        return self._clock() - self._asked_at
+
+    def wants_trials(self, demand_s: float) -> bool:
+        """Half-open, with calls that asked within ``demand_s`` or trials still out: this
+        worker has traffic to send trials with, so the trial lease is of use here."""
+        return self.state == "half_open" and (self.idle_s <= demand_s or self._trials_out > 0)
+
+    def allows(self, *, demand: bool = True) -> bool:
+        """Whether ``admit`` would let a call through now (reserves nothing). It counts as a
+        call asking, even when refused, unless ``demand`` is False (a poll that sends nothing)."""
+        if demand:
+            self._asked_at = self._clock()
         return self._admissible(self._current())
 
     def admit(self) -> Admission | None:
         """Reserve a call: a plain one when closed, a trial when half-open, else None."""
+        self._asked_at = self._clock()
         state = self._current()
         if not self._admissible(state):
             return None

@@ -3,7 +3,8 @@
 Breaker transitions are logged, counted and published as verdicts; other replicas' verdicts
 are read from the :class:`StateView` (a quorum of open ones takes an endpoint out here too);
 ops' ``maintenance`` on ``upstream/endpoint`` fences it; one replica at a time holds the trial
-lease of a half-open endpoint. Nothing here is awaited by the request path.
+lease of a half-open endpoint, and only one with traffic for it. Nothing here is awaited by the
+request path.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from resilgate.logs import get_logger
 from resilgate.metrics import Metrics, traffic_leader
 from resilgate.probes import EndpointProbes
 from resilgate.state.records import Verdict
+from resilgate.state.store import StateStore
 from resilgate.state.view import StateView
 from resilgate.upstream import Cluster
 
@@ -32,6 +34,8 @@ TICK_S = 0.1
 LEASE_TTL_S = 5.0
 LEASE_RENEW_S = 1.5
 LEASE_RETRY_S = 0.5
+# A worker whose requests asked for a half-open endpoint this recently may hold its trial lease.
+DEMAND_S = 2.0
 REPUBLISH_S = 30.0
 
 
@@ -97,29 +101,49 @@ class Fleet:
             self._leases[label] = asyncio.get_running_loop().create_task(self._trials(health))
 
     async def _trials(self, health: EndpointHealth) -> None:
-        """Hold the fleet's trial lease of a half-open endpoint; only its holder sends trials."""
+        """Hold the fleet's trial lease of a half-open endpoint while this worker has traffic
+        for it (``wants_trials``); only the holder sends trials. A worker without traffic lets
+        the lease go, or never takes it: holding it, it would send no trial, and refuse the
+        workers that have traffic for as long as it renews."""
         label, breaker = health.endpoint.label, health.breaker
         name = f"trial:{label}"
         held = False
+        renew_at = 0.0
         try:
             while breaker.state == "half_open":
                 store = self.view.store if self.view is not None else None
                 if store is None:
                     held = True
-                else:
-                    try:
-                        held = await store.lease(name, self.replica, LEASE_TTL_S, time.time())
-                    except Exception as exc:  # store down: decide from local traffic alone
-                        if not held:
-                            log.warning("trial_lease_unavailable", endpoint=label, error=str(exc))
-                        held = True
+                elif not breaker.wants_trials(DEMAND_S):
+                    if held:
+                        # No trial leaves here once the lease may be another worker's.
+                        breaker.trials_allowed = held = False
+                        log.info("trial_lease_left", endpoint=label, replica=self.replica)
+                        with contextlib.suppress(Exception):
+                            await store.release(name, self.replica)
+                elif not held or time.monotonic() >= renew_at:
+                    renew_at = time.monotonic() + LEASE_RENEW_S
+                    held = await self._take_lease(store, name, label, held)
                 breaker.trials_allowed = held
-                await asyncio.sleep(LEASE_RENEW_S if held else LEASE_RETRY_S)
+                await asyncio.sleep(LEASE_RETRY_S)
         finally:
             self._leases.pop(label, None)
             if held and self.view is not None:
                 with contextlib.suppress(Exception):
                     await self.view.store.release(name, self.replica)
+
+    async def _take_lease(self, store: StateStore, name: str, label: str, held: bool) -> bool:
+        """Take or renew a trial lease; whether this worker may send trials now."""
+        try:
+            holds = await store.lease(name, self.replica, LEASE_TTL_S, time.time())
+        except Exception as exc:  # store down: decide from local traffic alone
+            if not held:
+                log.warning("trial_lease_unavailable", endpoint=label, error=str(exc))
+            return True
+        if holds != held:
+            event = "trial_lease_taken" if holds else "trial_lease_lost"
+            log.info(event, endpoint=label, replica=self.replica)
+        return holds
 
     # -- background work --------------------------------------------------------------------
 
@@ -228,11 +252,11 @@ class Fleet:
             if (
                 verdict.state == "closed"
                 and health.breaker.state == "half_open"
-                and not health.breaker.trials_allowed
                 and self._recovered_at.get(verdict.endpoint, 0.0)
                 >= self._opened_at.get(verdict.endpoint, wall)
             ):
-                # The lease holder's trials passed since we opened: no need to repeat them.
+                # Trials there passed since we opened: no need to repeat them, whether or not we
+                # hold the lease now (it moves between workers as their traffic comes and goes).
                 health.breaker.close(f"trials passed at {verdict.replica}")
         for label, health in self._healths.items():
             quorum = self.config.upstreams[health.endpoint.upstream].breaker.quorum

@@ -51,9 +51,13 @@ class FleetClient(UpstreamClient):
         self._session_of = session_of
         self._view_of = view_of
 
-    def writable_now(self, upstream: str, routes: Iterable[str] = ()) -> bool:
+    def writable_now(
+        self, upstream: str, routes: Iterable[str] = (), *, waiting: bool = True
+    ) -> bool:
         """Whether an endpoint that takes writes is healthy past its hold-down, and ops have
-        held back neither the upstream nor any of ``routes``."""
+        held back neither the upstream nor any of ``routes``. ``waiting``: entries wait to be
+        replayed, so the check counts as demand for a half-open endpoint's trial lease (an idle
+        poll must not hold it)."""
         view = self._view_of()
         if view is not None:
             for target in (upstream, *routes):
@@ -62,7 +66,10 @@ class FleetClient(UpstreamClient):
                     return False
         now = time.monotonic()
         return any(
-            not h.endpoint.read_only and not h.fenced and h.share(now) > 0 and h.breaker.allows()
+            not h.endpoint.read_only
+            and not h.fenced
+            and h.share(now) > 0
+            and h.breaker.allows(demand=waiting)
             for h in self._fleet.runtimes[upstream].endpoints
         )
 
@@ -147,8 +154,9 @@ class Replayer:
         options = self.services.config.fallbacks.journal
         interval = 1.0 / options.replay_rate_per_s
         next_at = 0.0
+        waiting = True  # until a claim finds the queue empty
         while True:
-            if not self.client.writable_now(queue, self._queue_routes[queue]):
+            if not self.client.writable_now(queue, self._queue_routes[queue], waiting=waiting):
                 await asyncio.sleep(IDLE_S)
                 continue
             # Paced before the claim, so the wait does not eat into the entry's lease.
@@ -165,8 +173,10 @@ class Replayer:
                 await asyncio.sleep(options.retry_after_s)
                 continue
             if not entries:
+                waiting = False
                 await asyncio.sleep(IDLE_S)
                 continue
+            waiting = True
             next_at = time.monotonic() + interval
             try:
                 outcome = await self._replay_one(store, entries[0])

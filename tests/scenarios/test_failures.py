@@ -244,7 +244,11 @@ async def test_dead_worker_is_replaced(spawn: Spawner) -> None:
     replaced = wait_until(
         lambda: (
             len(children(gateway.pid) - {victim}) == 2
-            and sum(r.get("event") == "listening" for r in gateway.log_records()) == 3
+            and sum(
+                r.get("event") == "listening" and r.get("listener") == "public"
+                for r in gateway.log_records()
+            )
+            == 3
         ),
         15,
         "a new worker listening",

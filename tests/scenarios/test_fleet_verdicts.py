@@ -4,7 +4,10 @@ replica with a bad link moves the fleet only when a quorum agrees."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -12,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Spawner, wait_until
+from resilgate.fleet import DEMAND_S, LEASE_RETRY_S
+from tests.conftest import Spawner, wait_until, wait_until_async
 from tests.failover_stack import FAST_HEALTH, Stack, set_fault, start_stack
 from tests.load import steady
 from tests.redis_server import RedisServer
@@ -133,3 +137,51 @@ async def test_one_replica_holds_the_trial_lease_and_its_trials_close_both(
     own = [r[0] for r in reasons if not r[0].startswith("trials passed at")]
     assert len(own) == 1, reasons  # one replica ran the trials, the other took its word
     assert all(stream.samples[-1].served_by == "his/primary" for stream in streams)
+
+
+async def test_the_trial_lease_follows_the_traffic_to_another_replica(
+    spawn: Spawner, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Without jitter, the replica whose own traffic opened its breaker goes half-open first.
+    health = {**FAST_HEALTH, "breaker": {**FAST_HEALTH["breaker"], "open_jitter": 0}}
+    first, second = replicas(spawn, tmp_path, redis_server, health)
+    primary = first.primary
+
+    def kill() -> None:
+        os.kill(primary.pid, signal.SIGKILL)
+        primary.proc.wait()
+
+    # Only the first replica has traffic while the primary is down: it takes the trial lease.
+    await steady(reads(first), 50, 2.5, events={0.3: kill})
+    await wait_until_async(
+        lambda: all(stack.events("breaker_half_open") for stack in (first, second)),
+        5,
+        "both replicas to go half-open",
+    )
+    port = str(primary.port())
+    await asyncio.to_thread(
+        spawn.start, "sim-his-primary-again", ["simulate", "his", "--port", port]
+    )
+    back = time.monotonic()
+    # Then the traffic moves to the second replica: the lease must follow it.
+    stream = await steady(reads(second), 50, 8)
+    on_primary = stream.served("his/primary")
+    assert on_primary, (
+        "the second replica never got the trial lease: no request reached the primary"
+    )
+    back_after_s = on_primary[0].sent_at - back
+    left, taken = first.events("trial_lease_left"), second.events("trial_lease_taken")
+    print(
+        f"\n[lease handover] the second replica's traffic reached the primary "
+        f"{back_after_s:.2f}s after its restart; lease left by the first at "
+        f"{left[0]['timestamp'] if left else None}, taken by the second at "
+        f"{taken[0]['timestamp'] if taken else None}"
+    )
+    failback = health["failback"]
+    bound = DEMAND_S + 2 * LEASE_RETRY_S + failback["hold_down_s"] + failback["ramp_s"] + 2.0
+    assert back_after_s < bound
+    assert stream.samples[-1].served_by == "his/primary"
+    assert first.events("trial_lease_taken") and left and taken
+    assert at(left[0]) <= at(taken[0])  # handed over, never held by both
+    closed = wait_until(lambda: first.events("breaker_closed"), 5, "the first replica to close")
+    assert closed[0]["reason"].startswith("trials passed at"), closed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import random
 from typing import Any
 
@@ -223,6 +224,59 @@ def test_trials_wait_for_the_lease_each_time() -> None:
     rig.clock.now += 10
     assert rig.breaker.state == "half_open"
     assert rig.breaker.trials_allowed is False
+
+
+def test_every_call_that_asks_is_demand_even_a_refused_one() -> None:
+    rig = Rig()
+    assert rig.breaker.idle_s == math.inf
+    rig.breaker.trip("quorum")
+    rig.clock.now += 5
+    assert rig.breaker.state == "half_open"
+    assert "no trial lease" in repr(rig.breaker)
+    assert rig.breaker.window() == (0, 0, 0)
+    assert rig.breaker.idle_s == math.inf  # looking at it asks for nothing
+    assert not rig.breaker.wants_trials(2.0)
+    assert rig.breaker.admit() is None  # another worker holds the lease: refused, yet asked
+    assert rig.breaker.idle_s == 0.0
+    assert rig.breaker.wants_trials(2.0)
+    rig.clock.now += 2.0
+    assert rig.breaker.wants_trials(2.0)
+    rig.clock.now += 0.01
+    assert not rig.breaker.wants_trials(2.0)
+    assert not rig.breaker.allows(demand=False)  # a poll that would send nothing
+    assert not rig.breaker.wants_trials(2.0)
+    assert not rig.breaker.allows()
+    assert rig.breaker.wants_trials(2.0)
+    assert rig.breaker.idle_s == 0.0
+
+
+def test_trials_out_keep_the_lease_wanted_until_they_are_back() -> None:
+    rig = Rig()
+    rig.breaker.trip("quorum")
+    rig.to_half_open()
+    first, second = rig.trial(), rig.trial()
+    assert rig.breaker.trials_out == 2
+    rig.clock.now += 30  # trials slower than the demand window: still this worker's
+    assert rig.breaker.wants_trials(2.0)
+    rig.breaker.record(first, failed=False, latency_s=30)
+    rig.breaker.abandon(second)
+    assert rig.breaker.trials_out == 0
+    assert not rig.breaker.wants_trials(2.0)
+
+
+def test_only_a_half_open_breaker_wants_trials() -> None:
+    rig = Rig()
+    assert rig.breaker.allows()
+    assert rig.breaker.idle_s == 0.0
+    assert not rig.breaker.wants_trials(2.0)
+    rig.breaker.trip("quorum")
+    assert not rig.breaker.allows()
+    assert not rig.breaker.wants_trials(2.0)
+    rig.to_half_open()
+    rig.breaker.record(rig.trial(), failed=True, latency_s=0.01)
+    assert rig.breaker.state == "open"
+    assert rig.breaker.trials_out == 0
+    assert not rig.breaker.wants_trials(2.0)
 
 
 def test_half_open_lets_only_so_many_trials_out_at_once() -> None:
@@ -450,6 +504,9 @@ def test_invariants_hold_for_any_sequence(
         state = breaker.state
         this_period = [a for a, era in out if a.trial and era == len(seen)]
         assert len(this_period) <= config.half_open_trials
+        assert breaker.trials_out == len(this_period)
+        if breaker.wants_trials(2.0):
+            assert state == "half_open"
         if state == "open":
             assert breaker.admit() is None
             assert 0 < breaker.open_remaining_s <= high
