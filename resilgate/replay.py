@@ -154,9 +154,13 @@ class Replayer:
         options = self.services.config.fallbacks.journal
         interval = 1.0 / options.replay_rate_per_s
         next_at = 0.0
-        waiting = True  # until a claim finds the queue empty
+        # Whether entries wait: only then is the check demand for a half-open endpoint's trial
+        # lease (and the replays its trials). Learnt from claims, and from the store while
+        # the upstream cannot take writes.
+        waiting = True
         while True:
             if not self.client.writable_now(queue, self._queue_routes[queue], waiting=waiting):
+                waiting = waiting or await self._has_open(queue)
                 await asyncio.sleep(IDLE_S)
                 continue
             # Paced before the claim, so the wait does not eat into the entry's lease.
@@ -188,6 +192,15 @@ class Replayer:
                 continue
             if outcome.state == "accepted":
                 await asyncio.sleep(options.retry_after_s)
+
+    async def _has_open(self, queue: str) -> bool:
+        try:
+            stats = await self.services.store.journal_stats()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the store is down: nothing can be claimed anyway
+            return False
+        return any(q.queue == queue and q.open for q in stats)
 
     async def _replay_one(self, store: StateStore, entry: JournalEntry) -> Replayed:
         route = self._routes.get(entry.route)
