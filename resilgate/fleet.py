@@ -194,7 +194,7 @@ class Fleet:
                 log.debug("verdict_not_published", endpoint=verdict.endpoint, error=str(exc))
 
     async def _tick(self) -> None:
-        republish_at = time.monotonic() + REPUBLISH_S
+        republish_at = time.monotonic()  # at once: /status shows every worker from the start
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
