@@ -24,7 +24,7 @@ import signal
 import sqlite3
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -181,7 +181,9 @@ async def timed_calls(call: Call, count: int, concurrency: int = 1) -> Timed:
     return Timed(latencies, wrong, wall_s)
 
 
-def expect(status: int, degraded: str | None, got: int, headers: Any, body: bytes) -> str:
+def expect(
+    status: int, degraded: str | None, got: int, headers: Mapping[str, str], body: bytes
+) -> str:
     seen = headers.get("X-Resilgate-Degraded")
     return "" if got == status and seen == degraded else f"{got} {seen}: {body[:200]!r}"
 
@@ -570,7 +572,8 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, str]]:
                 "reference": f"target {REPLAY_TARGET_PER_S} (10,000 in 10 s)",
                 "note": f"{replay['applied_at_his']} of {part['entries']} applied in "
                 f"{replay['first_to_last_write_s']:.1f} s; HIS back to all applied "
-                f"{replay['his_back_to_all_applied_s']:.1f} s",
+                f"{replay['his_back_to_all_applied_s']:.1f} s; CPU s meanwhile: gateway "
+                f"{replay['gateway_cpu_s']:.1f}, HIS {replay['his_cpu_s']:.1f}",
             }
         )
     return rows

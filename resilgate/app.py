@@ -16,7 +16,7 @@ from resilgate.errors import ClientGone, GatewayError, NoTicket, StartupError, S
 from resilgate.fallback import TICKETS_PATH
 from resilgate.headers import REQUEST_ID as REQUEST_ID_HEADER
 from resilgate.headers import RequestIds
-from resilgate.logs import LOG_STREAM, get_logger
+from resilgate.logs import LOG_STREAM, get_logger, info_line
 from resilgate.ops import OPS, build_ops
 from resilgate.outcomes import RequestOutcome
 from resilgate.proxy import (
@@ -111,7 +111,8 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
         )
         request.app[GATEWAY].fleet.metrics.observe(outcome)
         request.app[OPS].record(outcome)
-        log.info(
+        info_line(
+            "resilgate.access",
             "access",
             request_id=request[REQUEST_ID],
             method=request.method,

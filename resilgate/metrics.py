@@ -48,6 +48,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._leaders: dict[str, str] = {}  # upstream -> endpoint taking most of its traffic
         self._queues: set[str] = set()  # journal queues seen, to zero those that emptied
+        # (route, upstream, endpoint, status class) -> its request counter and duration
+        # histogram: label lookups cost more than the updates. Bounded by the config's routes
+        # and endpoints, the fallbacks and six status classes.
+        self._request_series: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
         registry = self.registry
 
         # -- traffic -----------------------------------------------------------------------
@@ -195,8 +199,13 @@ class Metrics:
             endpoint = "none"
         status = outcome.status
         status_class = f"{status // 100}xx" if 100 <= status < 600 else "other"
-        self.requests.labels(route, outcome.upstream or "none", endpoint, status_class).inc()
-        self.duration.labels(route).observe(outcome.duration_s)
+        key = (route, outcome.upstream or "none", endpoint, status_class)
+        series = self._request_series.get(key)
+        if series is None:
+            series = (self.requests.labels(*key), self.duration.labels(route))
+            self._request_series[key] = series
+        series[0].inc()
+        series[1].observe(outcome.duration_s)
 
     def set_breaker(self, endpoint: str, state: BreakerState) -> None:
         """This worker's breaker of ``endpoint`` is now in ``state``."""

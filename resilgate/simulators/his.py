@@ -304,6 +304,8 @@ class FhirStore:
         self._writes = writes
         self._resources: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in SEARCHABLE}
         self._history: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        # (type, identifier value) -> ids of resources that carried it, checked on lookup.
+        self._by_identifier: dict[tuple[str, str], set[str]] = {}
         self._next_id = 0
         rng = random.Random(seed)
         stamp = _iso(ANCHOR_DAY, 6)
@@ -319,6 +321,9 @@ class FhirStore:
         resource["meta"] = {"versionId": str(version), "lastUpdated": stamp}
         kind, rid = resource["resourceType"], resource["id"]
         self._resources[kind][rid] = resource
+        for identifier in resource.get("identifier") or ():
+            if isinstance(identifier, Mapping) and isinstance(identifier.get("value"), str):
+                self._by_identifier.setdefault((kind, identifier["value"]), set()).add(rid)
         self._history.setdefault((kind, rid), []).append(copy.deepcopy(resource))
         return resource
 
@@ -372,7 +377,9 @@ class FhirStore:
         return True
 
     def find_identifier(self, kind: str, token: str) -> list[dict[str, Any]]:
-        return [r for r in self._resources[kind].values() if _identifier_matches(r, token)]
+        ids = self._by_identifier.get((kind, token.rpartition("|")[2]), ())
+        resources = (self._resources[kind][rid] for rid in sorted(ids))
+        return [r for r in resources if _identifier_matches(r, token)]
 
     def create(
         self, kind: str, body: dict[str, Any], if_none_exist: str | None, supported: bool
