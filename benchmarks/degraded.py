@@ -36,6 +36,7 @@ import yaml
 
 from benchmarks.procs import Proc, Procs, wait_for
 from benchmarks.targets import ADMIN_TOKEN_SHA256, HEALTH
+from tests.his_routes import HIS_READ_ROUTE, HIS_WRITE_ROUTE, medication_order
 from tests.insurance_calls import FIXMEDINS, envelope, settle_input
 from tests.redis_server import RedisServer
 
@@ -52,24 +53,6 @@ INSURANCE_ROUTE: dict[str, Any] = {
     "retries": "never",
     "failure_body": {"format": "insurance_envelope"},
     "timeouts": {"connect_s": 0.5, "total_s": 2.0},
-}
-HIS_READ_ROUTE: dict[str, Any] = {
-    "name": "his-clinical-read",
-    "upstream": "his",
-    "criticality": "core",
-    "fallback": "stale-cache",
-    "match": {"path_prefix": "/fhir/", "methods": ["GET", "HEAD"]},
-    "timeouts": {"connect_s": 0.5, "total_s": 2},
-    "failure_body": {"format": "fhir"},
-}
-HIS_WRITE_ROUTE: dict[str, Any] = {
-    "name": "his-orders-write",
-    "upstream": "his",
-    "criticality": "core",
-    "fallback": "journal",
-    "match": {"path_prefix": "/fhir/", "methods": ["POST", "PUT"]},
-    "timeouts": {"connect_s": 0.5, "total_s": 1},
-    "failure_body": {"format": "fhir"},
 }
 STALE_READS = [f"/fhir/Patient/p-{10000 + n}" for n in range(20)]
 # Far above what one replayer does: the store and the HIS set the pace, not the pacing.
@@ -389,25 +372,15 @@ async def stale_cache(procs: Procs, sizes: Sizes) -> dict[str, Any]:
 # -- HIS down: journal append; HIS back: replay ------------------------------------------------
 
 
-def medication_order(n: int) -> bytes:
-    return orjson.dumps(
-        {
-            "resourceType": "MedicationRequest",
-            "status": "active",
-            "intent": "order",
-            "subject": {"reference": "Patient/p-10042"},
-            "requester": {"reference": "Practitioner/d-77"},
-            "medicationCodeableConcept": {"text": f"Amoxicillin 500 mg capsule, order {n}"},
-            "dosageInstruction": [{"text": "500 mg po tid x 5 d"}],
-        }
-    )
+def medication_order_bytes(n: int) -> bytes:
+    return orjson.dumps(medication_order(n))
 
 
 def journal_write(url: str, tickets: list[str]) -> Call:
     """POSTs of new medication orders; each one's ticket goes to ``tickets``."""
 
     async def call(http: aiohttp.ClientSession, index: int) -> str:
-        body, headers = medication_order(index), {"Content-Type": FHIR}
+        body, headers = medication_order_bytes(index), {"Content-Type": FHIR}
         async with http.post(url + "/fhir/MedicationRequest", data=body, headers=headers) as r:
             answer = await r.read()
             problem = expect(202, "journal", r.status, r.headers, answer)

@@ -21,19 +21,12 @@ from resilgate.fallback import TICKETS_PATH
 from tests.conftest import ServerProcess, Spawner, wait_until
 from tests.failover_stack import FAST_HEALTH, Stack, set_mode, sim_call, start_stack, traffic
 from tests.gateway import OPERATOR_TOKEN, VIEWER_TOKEN, admin_cli, admin_cli_ok
+from tests.his_routes import HIS_WRITE_ROUTE, medication_order
 
 FHIR = "application/fhir+json"
 SYSTEM = "urn:resilgate:ticket"
 ROUTES = [
-    {
-        "name": "his-orders-write",
-        "upstream": "his",
-        "criticality": "core",
-        "fallback": "journal",
-        "match": {"path_prefix": "/fhir/", "methods": ["POST", "PUT"]},
-        "timeouts": {"connect_s": 0.5, "total_s": 1},
-        "failure_body": {"format": "fhir"},
-    },
+    HIS_WRITE_ROUTE,
     {
         "name": "his-read",
         "upstream": "his",
@@ -49,15 +42,7 @@ def journal_options(**options: Any) -> dict[str, Any]:
 
 
 def order(n: int, patient: str = "p-10042") -> dict[str, Any]:
-    return {
-        "resourceType": "MedicationRequest",
-        "status": "active",
-        "intent": "order",
-        "subject": {"reference": f"Patient/{patient}"},
-        "requester": {"reference": "Practitioner/d-77"},
-        "medicationCodeableConcept": {"text": f"Amoxicillin 500 mg capsule, order {n}"},
-        "dosageInstruction": [{"text": "500 mg po tid x 5 d"}],
-    }
+    return medication_order(n, patient)
 
 
 def report(name: str, **figures: Any) -> None:

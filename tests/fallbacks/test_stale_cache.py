@@ -20,20 +20,11 @@ import pytest
 from tests.conftest import Spawner, wait_until
 from tests.failover_stack import FAST_HEALTH, Stack, set_fault, sim_call, start_stack
 from tests.gateway import primary, start_gateway
+from tests.his_routes import HIS_READ_ROUTE
 
 ENV = "RESILGATE_CACHE_KEYS"
 KEYS = "t2:" + base64.b64encode(b"k" * 32).decode() + ",t1:" + base64.b64encode(b"j" * 32).decode()
-ROUTES = [
-    {
-        "name": "his-clinical-read",
-        "upstream": "his",
-        "criticality": "core",
-        "fallback": "stale-cache",
-        "match": {"path_prefix": "/fhir/", "methods": ["GET", "HEAD"]},
-        "timeouts": {"connect_s": 0.5, "total_s": 2},
-        "failure_body": {"format": "fhir"},
-    }
-]
+ROUTES = [HIS_READ_ROUTE]
 NOTICE = {"retry_after_s": 30}
 
 

@@ -19,29 +19,11 @@ import orjson
 from tests.conftest import Spawner, wait_until, wait_until_async
 from tests.failover_stack import Stack, start_stack
 from tests.gateway import OPERATOR_TOKEN
+from tests.his_routes import HIS_READ_ROUTE, HIS_WRITE_ROUTE, medication_order
 
 FHIR = "application/fhir+json"
 KEYS = "t1:" + base64.b64encode(b"k" * 32).decode()
-ROUTES = [
-    {
-        "name": "his-orders-write",
-        "upstream": "his",
-        "criticality": "core",
-        "fallback": "journal",
-        "match": {"path_prefix": "/fhir/", "methods": ["POST", "PUT"]},
-        "timeouts": {"connect_s": 0.5, "total_s": 1},
-        "failure_body": {"format": "fhir"},
-    },
-    {
-        "name": "his-clinical-read",
-        "upstream": "his",
-        "criticality": "core",
-        "fallback": "stale-cache",
-        "match": {"path_prefix": "/fhir/", "methods": ["GET", "HEAD"]},
-        "timeouts": {"connect_s": 0.5, "total_s": 2},
-        "failure_body": {"format": "fhir"},
-    },
-]
+ROUTES = [HIS_WRITE_ROUTE, HIS_READ_ROUTE]
 CLINICIAN = {"X-Clinician": "dr-a"}
 READ_BEFORE = "/fhir/Patient/p-10002"  # dr-a read it before the drill: a stale copy is kept
 DRILL_S = 3.0
@@ -51,16 +33,7 @@ PACE_S = 0.02  # between two requests of one client loop: about 200 requests/s i
 
 
 def order(n: int) -> bytes:
-    return orjson.dumps(
-        {
-            "resourceType": "MedicationRequest",
-            "status": "active",
-            "intent": "order",
-            "subject": {"reference": "Patient/p-10042"},
-            "requester": {"reference": "Practitioner/d-77"},
-            "medicationCodeableConcept": {"text": f"Amoxicillin 500 mg capsule, order {n}"},
-        }
-    )
+    return orjson.dumps(medication_order(n))
 
 
 @dataclass(frozen=True)
