@@ -34,6 +34,17 @@ SERIES = {
 REQUESTS = 200
 
 
+def workers_seeing(gateway: ServerProcess, target: str) -> int:
+    """Workers that logged seeing the forced mode of ``target``."""
+    return len(
+        {
+            r["pid"]
+            for r in gateway.log_records()
+            if r.get("event") == "mode_seen" and r.get("target") == target
+        }
+    )
+
+
 async def send(gateway: ServerProcess, count: int) -> None:
     """``count`` requests, half on each route, each on a new connection so that both workers
     (SO_REUSEPORT) take a share."""
@@ -61,6 +72,9 @@ async def test_metrics_of_all_workers_parse_and_hold_every_series(spawn: Spawner
         change = {"mode": "fallback", "reason": "metrics test"}
         async with session.put(admin + "/modes/fhir", json=change, headers=operator) as response:
             assert response.status == 200
+        await wait_until_async(
+            lambda: workers_seeing(gateway, "fhir") == 2, 5, "both workers to apply the mode"
+        )
         await send(gateway, REQUESTS // 4)
 
         async def scrape() -> dict[str, dict[str, object]]:
@@ -104,7 +118,8 @@ async def test_metrics_of_all_workers_parse_and_hold_every_series(spawn: Spawner
         for s in families["resilgate_fallbacks"].samples  # type: ignore[attr-defined]
         if s.name == "resilgate_fallbacks_total"
     }
-    assert sum(served.values()) >= REQUESTS / 8, served  # the forced fhir requests
+    # Each forced fhir request: the journal fallback declines a read, the notice answers.
+    assert served[("fhir", "notice", "served")] >= REQUESTS // 8, served
     failovers = {
         (s.labels["from_endpoint"], s.labels["to_endpoint"]): s.value
         for s in families["resilgate_failovers"].samples  # type: ignore[attr-defined]
