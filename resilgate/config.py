@@ -71,6 +71,31 @@ class Listeners(_Model):
         return self
 
 
+class RedisSentinel(_Model):
+    """Redis behind Sentinel: the sentinels name the current master, and after a failover the
+    gateway's connections follow the new one."""
+
+    hosts: list[str] = Field(min_length=1, description="Sentinels as `host:port`.")
+    master: str = Field(
+        min_length=1, description="The master's name in the sentinels' `sentinel monitor` line."
+    )
+    db: int = Field(0, ge=0, description="Redis database number.")
+    password_env: str = Field(
+        "RESILGATE_SENTINEL_PASSWORD",
+        description="Environment variable with the sentinels' own password (their "
+        "`requirepass`); unset or empty: none.",
+    )
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_port(cls, hosts: list[str]) -> list[str]:
+        for value in hosts:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r} is not host:port (e.g. sentinel-0.redis:26379)")
+        return hosts
+
+
 class StateConfig(_Model):
     """Where shared state lives: modes, breaker verdicts, counters, cache, journal, audit."""
 
@@ -84,7 +109,17 @@ class StateConfig(_Model):
         description="SQLite file, relative to the main config file's directory.",
     )
     redis_url: str | None = Field(
-        None, description="Redis URL (`redis://`, `rediss://` or `unix://`); required for redis."
+        None,
+        description="Redis URL (`redis://`, `rediss://` or `unix://`); redis needs this or "
+        "`redis_sentinel`.",
+    )
+    redis_sentinel: RedisSentinel | None = Field(
+        None, description="Find the Redis master through Sentinel instead of `redis_url`."
+    )
+    redis_password_env: str = Field(
+        "RESILGATE_REDIS_PASSWORD",
+        description="Environment variable with the Redis password (kept out of this file and "
+        "the URL); unset or empty: the URL's, if any.",
     )
     spool_path: Path = Field(
         Path("var/journal-spool.db"),
@@ -109,8 +144,8 @@ class StateConfig(_Model):
 
     @model_validator(mode="after")
     def _redis_has_url(self) -> StateConfig:
-        if self.backend == "redis" and not self.redis_url:
-            raise ValueError("backend redis needs redis_url")
+        if self.backend == "redis" and (self.redis_url is None) == (self.redis_sentinel is None):
+            raise ValueError("backend redis needs one of redis_url and redis_sentinel")
         return self
 
 

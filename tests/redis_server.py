@@ -29,9 +29,17 @@ SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes
 class RedisServer:
     """One redis-server process keeping its data in ``directory``; restartable on that data."""
 
-    def __init__(self, directory: Path, persistence: Sequence[str] = DURABLE) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        persistence: Sequence[str] = DURABLE,
+        port: int = 0,
+        args: Sequence[str] = (),
+    ) -> None:
         self.directory = directory
         self.persistence = tuple(persistence)
+        self.port = port  # 0: the unix socket only
+        self.args = tuple(args)
         self.directory.mkdir(parents=True, exist_ok=True)
         socket_path = self.directory / "redis.sock"
         self._short_dir: Path | None = None
@@ -60,13 +68,15 @@ class RedisServer:
         self.socket_path.unlink(missing_ok=True)
         args = [
             REDIS_SERVER,
-            "--port", "0",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
             "--unixsocket", str(self.socket_path),
             "--unixsocketperm", "700",
             "--dir", str(self.directory),
             "--logfile", str(self.log_path),
             "--daemonize", "no",
             *self.persistence,
+            *self.args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
@@ -126,7 +136,8 @@ class RedisServer:
                 sock.settimeout(1.0)
                 sock.connect(str(self.socket_path))
                 sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")  # "-LOADING" while reading the AOF
+                # "-LOADING" while reading the AOF; "-NOAUTH" from a server with a password
+                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 

@@ -14,10 +14,10 @@ def make_store(config: Config) -> StateStore:
         return SqliteStore(config.resolve(state.path))
     if state.backend == "redis":
         from resilgate.state.redis import RedisStore
+        from resilgate.state.redis_target import RedisTarget
 
-        assert state.redis_url is not None, "checked by the config schema"
         return RedisStore(
-            state.redis_url,
+            RedisTarget.from_config(state),
             spool_path=config.resolve(state.spool_path),
             op_timeout_s=state.op_timeout_s,
         )

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import re
 import sqlite3
 import struct
 import time
@@ -50,7 +49,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -66,6 +65,7 @@ from resilgate.state.records import (
     QueueStats,
     Verdict,
 )
+from resilgate.state.redis_target import Connected, RedisTarget
 from resilgate.state.spool import Spool
 from resilgate.state.store import (
     DuplicateTicket,
@@ -496,10 +496,6 @@ redis.call('ZADD', KEYS[1], ARGV[1], string.format('%020d', n) .. ARGV[2])
 AUDIT_SEQ_WIDTH = 20
 
 
-def without_password(url: str) -> str:
-    return re.sub(r"(//[^:@/]*:)[^@/]*@", r"\1***@", url)
-
-
 class RedisStore(StateStore):
     """State shared by all replicas through one Redis; journal writes survive its outages."""
 
@@ -507,16 +503,17 @@ class RedisStore(StateStore):
 
     def __init__(
         self,
-        url: str,
+        target: RedisTarget | str,
         *,
         spool_path: Path,
         namespace: str = "resilgate",
         op_timeout_s: float = 0.5,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.url = without_password(url)
+        self.target = RedisTarget(url=target) if isinstance(target, str) else target
+        self.url = str(self.target)  # without a password
         self.namespace = namespace
-        self._url = url
+        self._connected: Connected | None = None
         self._op_timeout_s = op_timeout_s
         self._clock = clock
         self._spool = Spool(spool_path)
@@ -553,16 +550,12 @@ class RedisStore(StateStore):
         await self._spool.open()
         # A bounded pool that waits (within the op timeout) for a free connection, instead of
         # failing the moment a burst of operations outnumbers the connections.
-        pool = BlockingConnectionPool.from_url(
-            self._url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=self._op_timeout_s,
-            socket_timeout=self._op_timeout_s,
-            socket_connect_timeout=self._op_timeout_s,
+        self._connected = self.target.connect(
+            MAX_CONNECTIONS,
+            self._op_timeout_s,
             retry=Retry(NoBackoff(), 0),  # a retry could run a journal append twice
         )
-        self._client = Redis.from_pool(pool)  # the client owns the pool and closes it
-        client = self._client
+        self._client = client = self._connected.redis
         self._append = client.register_script(APPEND_LUA)
         self._get = client.register_script(GET_LUA)
         self._list = client.register_script(LIST_LUA)
@@ -610,8 +603,9 @@ class RedisStore(StateStore):
         if self._pubsub is not None:
             await _close(self._pubsub)
             self._pubsub = None
-        if self._client is not None:
-            await self._client.aclose()
+        if self._connected is not None:
+            await self._connected.aclose()
+            self._connected = None
             self._client = None
         await self._spool.close()
 
@@ -947,6 +941,11 @@ class RedisStore(StateStore):
             async with asyncio.timeout(self._op_timeout_s):
                 result = await operation()
         except (RedisError, OSError, TimeoutError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py turned our cancellation into an error (seen while a Sentinel
+                # refused a connection); re-raise it, or close() would wait forever.
+                raise asyncio.CancelledError() from exc
             self._mark(False, exc)
             raise StoreUnavailable(f"redis {self.url}: {type(exc).__name__}: {exc}") from exc
         self._mark(True)

@@ -182,6 +182,27 @@ BAD_CONFIGS = [
         id="no-routes",
     ),
     pytest.param(
+        MAIN
+        + "state:\n  backend: redis\n  redis_url: redis://redis:6379/0\n"
+        + "  redis_sentinel: {hosts: ['sentinel-0:26379'], master: hospital}\n",
+        ROUTES,
+        "resilgate.yaml",
+        10,
+        "state",
+        "one of redis_url and redis_sentinel",
+        id="redis-url-and-sentinel",
+    ),
+    pytest.param(
+        MAIN + "state:\n  backend: redis\n  redis_sentinel:\n    master: hospital\n"
+        "    hosts: ['sentinel-0:26379', 'sentinel-1']\n",
+        ROUTES,
+        "resilgate.yaml",
+        14,
+        "state.redis_sentinel.hosts",
+        "'sentinel-1' is not host:port",
+        id="sentinel-without-port",
+    ),
+    pytest.param(
         MAIN.replace("routes/*.yaml", "rotues/*.yaml"),
         ROUTES,
         "resilgate.yaml",
