@@ -57,7 +57,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check resilgate fallbacks tests benchmarks
 
 typecheck: $(BENCH_STAMP)
-	$(BIN)/mypy resilgate fallbacks benchmarks
+	$(BIN)/mypy resilgate fallbacks benchmarks tests/deploy
 
 test: $(STAMP) redis-server lint typecheck
 	$(BIN)/pytest
