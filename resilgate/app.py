@@ -70,6 +70,16 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 @web.middleware
+async def close_when_draining(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: while draining, every answer says ``Connection: close`` (streamed ones set it
+    in the proxy), so no client keeps a connection to a replica that is going away."""
+    response = await handler(request)
+    if request.app[GATEWAY].draining and not response.prepared:
+        response.force_close()
+    return response
+
+
+@web.middleware
 async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Take the client's ``X-Request-ID`` or make one; it goes upstream and comes back."""
     request[REQUEST_ID] = request.app[REQUEST_IDS](request.headers.get(REQUEST_ID_HEADER))
@@ -199,7 +209,7 @@ async def shared_state(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(config: Config) -> web.Application:
     """The public listener's application for one worker."""
-    app = web.Application(middlewares=[errors_as_json, request_id, access_log])
+    app = web.Application(middlewares=[close_when_draining, errors_as_json, request_id, access_log])
     app[GATEWAY] = Gateway.from_config(config, REGISTRY)
     app[OPS] = build_ops(app[GATEWAY])
     app[REQUEST_IDS] = RequestIds()

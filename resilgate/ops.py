@@ -24,7 +24,6 @@ class Ops:
     alerts: AlertSender
     watcher: Watcher
     drills: DrillRunner
-    draining: bool = False
 
     def record(self, outcome: RequestOutcome) -> None:
         """Every answered request: the incident window and running drills count it."""
@@ -32,7 +31,7 @@ class Ops:
         self.drills.record(outcome)
 
     def __repr__(self) -> str:
-        return f"<Ops {self.watcher!r} {self.drills!r} draining={self.draining}>"
+        return f"<Ops {self.watcher!r} {self.drills!r}>"
 
 
 OPS = web.AppKey("ops", Ops)

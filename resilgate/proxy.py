@@ -73,6 +73,9 @@ class Gateway:
     replayer: Replayer
     session: aiohttp.ClientSession | None = field(default=None)
     state: StateView | None = field(default=None)
+    # SIGTERM came: /readyz says 503, and every answer closes its connection, so a client
+    # on a kept-alive connection reconnects through the load balancer to another replica.
+    draining: bool = False
     rng: random.Random = field(default_factory=random.Random)
 
     @classmethod
@@ -664,6 +667,8 @@ async def _relay(request: web.Request, answer: _Answer) -> web.StreamResponse:
     response = web.StreamResponse(
         status=upstream.status, reason=upstream.reason, headers=answer_headers
     )
+    if request.app[GATEWAY].draining:
+        response.force_close()
     try:
         await _to_client(request, response.prepare(request))
         while chunk := await upstream.content.readany():

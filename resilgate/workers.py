@@ -203,6 +203,12 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stopping = True
+        # Pass it on at once (the loop below notices only at its next wake-up, up to 0.5 s
+        # later): every worker's /readyz must turn 503 the moment the pod is told to stop.
+        for worker in self.workers:
+            if worker.pid is not None and worker.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)
 
     def _await_ready(self) -> bool:
         """Wait until every worker listens; False if one died first or a stop was asked."""

@@ -211,10 +211,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ops = _ops(request)
-    if ops.draining:
+    gateway = _gateway(request)
+    if gateway.draining:
         return _json(Ready(ready=False, reason="draining: shutting down"), 503)
-    if _gateway(request).state is None:
+    if gateway.state is None:
         return _json(Ready(ready=False, reason="starting"), 503)
     return _json(Ready(ready=True, reason="ok"))
 
@@ -487,5 +487,6 @@ def build_admin_app(public_app: web.Application) -> web.Application:
 
 
 def mark_draining(admin_app: web.Application) -> None:
-    """From now on ``/readyz`` says not ready, so the load balancer stops sending traffic."""
-    admin_app[PUBLIC_APP][OPS].draining = True
+    """From now on ``/readyz`` says not ready, so the load balancer stops sending traffic, and
+    public answers close their connections."""
+    admin_app[PUBLIC_APP][GATEWAY].draining = True

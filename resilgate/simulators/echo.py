@@ -116,6 +116,7 @@ async def hop_by_hop(request: web.Request) -> web.Response:
 
 
 async def slow(request: web.Request) -> web.Response:
+    await request.read()  # any method: a POST's body is taken first
     await asyncio.sleep(int(request.match_info["ms"]) / 1000)
     return web.Response(body=orjson.dumps({"slept_ms": int(request.match_info["ms"])}))
 
@@ -135,6 +136,6 @@ def build_app(options: SimulatorOptions) -> web.Application:
     app.router.add_get("/redirect", redirect)
     app.router.add_route("*", "/status/{code:\\d{3}}", status)
     app.router.add_get("/hop-by-hop", hop_by_hop)
-    app.router.add_get("/slow/{ms:\\d+}", slow)
+    app.router.add_route("*", "/slow/{ms:\\d+}", slow)
     app.router.add_get("/sized", head_target)
     return app
