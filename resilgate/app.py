@@ -54,7 +54,7 @@ def _error_response(
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: every failure becomes a JSON answer that carries the request id."""
+    """Every failure becomes a JSON answer that carries the request id."""
     try:
         return await handler(request)
     except GatewayError as exc:

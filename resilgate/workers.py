@@ -40,6 +40,15 @@ log = get_logger("resilgate.workers")
 _PR_SET_PDEATHSIG = 1
 START_DEADLINE_S = 30.0
 MAX_RESTART_DELAY_S = 30.0
+# After the drain, a worker closes its store, flushes alerts (bounded by their timeout) and logs.
+CLEANUP_S = 10.0
+
+
+def stop_deadline_s(config: Config) -> float:
+    """The longest a stop takes from SIGTERM until every worker is gone: the not-ready notice,
+    the drain, then clean-up; a worker still alive then is killed. A platform's grace period
+    (Kubernetes' terminationGracePeriodSeconds, after any preStop pause) must be longer."""
+    return config.drain_notice_s + config.drain_deadline_s + CLEANUP_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +298,7 @@ class Supervisor:
         for worker in self.workers:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.drain_deadline_s + 5
+        deadline = time.monotonic() + stop_deadline_s(self.config)
         for worker in self.workers:
             worker.join(max(0.0, deadline - time.monotonic()))
             if worker.is_alive():

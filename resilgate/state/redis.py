@@ -937,12 +937,13 @@ class RedisStore(StateStore):
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation within the op timeout; any failure is StoreUnavailable."""
+        task = asyncio.current_task()
+        cancellations = task.cancelling() if task is not None else 0
         try:
             async with asyncio.timeout(self._op_timeout_s):
                 result = await operation()
         except (RedisError, OSError, TimeoutError) as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if task is not None and task.cancelling() > cancellations:
                 # redis-py turned our cancellation into an error (seen while a Sentinel
                 # refused a connection); re-raise it, or close() would wait forever.
                 raise asyncio.CancelledError() from exc

@@ -10,6 +10,8 @@ from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from resilgate.config import StateConfig
 
@@ -76,8 +78,17 @@ class RedisTarget:
             pool = BlockingConnectionPool.from_url(
                 self.url, max_connections=max_connections, timeout=timeout_s, **timeouts, **options
             )
+            if self.password is not None:  # the environment's password wins over the URL's
+                pool.connection_kwargs["password"] = self.password
             return Connected(Redis.from_pool(pool))  # the client owns the pool and closes it
-        sentinel_options: dict[str, Any] = dict(timeouts)
+        # Asking the sentinels in turn must fit in one operation's time, a dead or silent one
+        # included: each gets its share, and no retries.
+        share_s = timeout_s / (len(self.sentinels) + 1)
+        sentinel_options: dict[str, Any] = {
+            "socket_timeout": share_s,
+            "socket_connect_timeout": share_s,
+            "retry": Retry(NoBackoff(), 0),
+        }
         if self.sentinel_password is not None:
             sentinel_options["password"] = self.sentinel_password
         sentinel = Sentinel(list(self.sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
@@ -101,6 +112,8 @@ class Connected:
     sentinels: list[Redis] = field(default_factory=list)
 
     async def aclose(self) -> None:
-        await self.redis.aclose()
-        for sentinel in self.sentinels:
-            await sentinel.aclose()
+        try:
+            await self.redis.aclose()
+        finally:
+            for sentinel in self.sentinels:
+                await sentinel.aclose()

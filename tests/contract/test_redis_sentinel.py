@@ -3,6 +3,7 @@ only, and follows a failover to the promoted replica."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -32,12 +33,12 @@ PASSWORDS = {
 OpenStore = Callable[..., Awaitable[RedisStore]]
 
 
-def state(sentinels: SentinelSet) -> StateConfig:
+def state(sentinels: SentinelSet, first: tuple[str, ...] = ()) -> StateConfig:
     return StateConfig.model_validate(
         {
             "backend": "redis",
             "redis_sentinel": {
-                "hosts": [f"127.0.0.1:{sentinels.sentinel.port}"],
+                "hosts": [*first, f"127.0.0.1:{sentinels.sentinel.port}"],
                 "master": MASTER_NAME,
             },
         }
@@ -48,9 +49,15 @@ def state(sentinels: SentinelSet) -> StateConfig:
 async def open_store(tmp_path: Path, sentinel_set: SentinelSet) -> AsyncIterator[OpenStore]:
     opened: list[RedisStore] = []
 
-    async def make(name: str, environ: dict[str, str] = PASSWORDS) -> RedisStore:
-        target = RedisTarget.from_config(state(sentinel_set), environ)
-        store = RedisStore(target, spool_path=tmp_path / f"spool-{name}.db", op_timeout_s=1.0)
+    async def make(
+        name: str,
+        environ: dict[str, str] = PASSWORDS,
+        first: tuple[str, ...] = (),
+        op_timeout_s: float = 1.0,
+    ) -> RedisStore:
+        target = RedisTarget.from_config(state(sentinel_set, first), environ)
+        spool = tmp_path / f"spool-{name}.db"
+        store = RedisStore(target, spool_path=spool, op_timeout_s=op_timeout_s)
         await store.open()
         opened.append(store)
         return store
@@ -74,6 +81,24 @@ async def test_the_store_finds_the_master_through_sentinel(
         assert master.keys("resilgate:*"), "the write went to the master"
     assert store.url.startswith("sentinel://127.0.0.1:")
     assert REDIS_PASSWORD not in repr(store) and SENTINEL_PASSWORD not in repr(store)
+
+
+@pytest.mark.parametrize("first", ["refused", "silent"])
+async def test_a_dead_first_sentinel_does_not_cut_the_store_off(
+    open_store: OpenStore, first: str
+) -> None:
+    """The node that dies in a failover often takes its sentinel along: the next sentinel
+    must still be asked within one operation's time."""
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        if first == "silent":
+            dead.listen()  # connects, never answers: a stopped process or a lost node
+        address = f"127.0.0.1:{dead.getsockname()[1]}"
+        store = await open_store("gw-a", first=(address,), op_timeout_s=0.5)
+        for n in range(5):
+            mode = ForcedMode(f"route-{n}", "dr", "test", "ops:li", time.time())
+            await store.put_mode(mode)  # StoreUnavailable would fail the test
+        assert len(await store.load_modes()) == 5
 
 
 async def test_without_the_redis_password_the_store_says_why(open_store: OpenStore) -> None:

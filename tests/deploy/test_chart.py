@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from resilgate.config import Config, StateConfig, load_config
+from resilgate.workers import stop_deadline_s
 from tests.deploy.chart import (
     CHART_DIR,
     KUBE_VERSION,
@@ -235,7 +236,9 @@ def test_grace_period_covers_prestop_notice_and_drain(rendered: Rendered, tmp_pa
     margin = rendered.values["shutdown"]["marginSeconds"]
     grace = pod_spec(rendered)["terminationGracePeriodSeconds"]
     assert grace == sleep_s + config.drain_notice_s + config.drain_deadline_s + margin
-    assert margin > 0
+    # The gateway's supervisor kills workers still alive after its own stop deadline; the
+    # kubelet must not kill the pod before (2 s of slack for the signal's way and exit).
+    assert grace >= sleep_s + stop_deadline_s(config) + 2
 
 
 def test_rolling_update_keeps_every_replica_serving(rendered: Rendered) -> None:

@@ -93,6 +93,18 @@ REFUSED: dict[str, tuple[dict[str, Any], list[str]]] = {
         ["'/serviceMonitor/tokenSecret/name'"],
     ),
     "an Ingress without hosts": ({"ingress": {"enabled": True}}, ["'/ingress/hosts'", "minItems"]),
+    "one volume claim for three replicas": (
+        {"persistence": {"existingClaim": "resilgate-data"}, "autoscaling": {"enabled": False}},
+        ["'/replicaCount'", "maximum: got 3, want 1"],
+    ),
+    "a shutdown margin shorter than the gateway's clean-up": (
+        {"shutdown": {"marginSeconds": 5}},
+        ["'/shutdown/marginSeconds'", "minimum"],
+    ),
+    "a Sentinel without a port": (
+        {"state": {"redisUrl": "", "redisSentinel": {"hosts": ["sentinel-0"], "master": "m"}}},
+        ["'/state/redisSentinel/hosts/0'"],
+    ),
 }
 
 
@@ -113,6 +125,11 @@ def test_install_refuses_what_the_schema_refuses(chart: helm_python.Chart) -> No
     values, _ = REFUSED["sqlite with several replicas"]
     with pytest.raises(helm_python.HelmValuesError, match="'/replicaCount'"):
         render(chart, values)
+
+
+def test_schema_accepts_an_ipv6_sentinel(chart: helm_python.Chart) -> None:
+    sentinel = {"hosts": ["[fd00::1]:26379"], "master": "mymaster"}
+    chart.validate_schema({"state": {"redisUrl": "", "redisSentinel": sentinel}})
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))

@@ -83,4 +83,13 @@ async def test_sigterm_says_not_ready_first_while_still_serving(spawn: Spawner) 
             assert (await response.json())["reason"] == "draining: shutting down"
         async with aiohttp.ClientSession() as fresh, fresh.get(gateway.url() + "/x") as response:
             assert response.headers["X-Resilgate-Upstream"] == "echo/primary"  # still serving
+            # and tells the client to reconnect (through the balancer, to another replica)
+            assert response.headers["Connection"] == "close"
+        async with aiohttp.ClientSession() as fresh:
+            streamed = fresh.get(gateway.url() + "/bytes/2000000")  # relayed in chunks
+            gateway_error = fresh.get(gateway.url() + "/_resilgate/tickets/T-none")
+            for call, status in ((streamed, 200), (gateway_error, 404)):
+                async with call as response:
+                    await response.read()
+                    assert (response.status, response.headers["Connection"]) == (status, "close")
     assert await asyncio.to_thread(gateway.proc.wait, 30) == 0
