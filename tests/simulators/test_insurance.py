@@ -13,7 +13,10 @@ import pytest
 
 from tests.insurance_calls import FIXMEDINS, envelope, settle_input
 
-TODAY = datetime.now(timezone(timedelta(hours=8))).date().isoformat()
+
+def today_cn() -> str:
+    """The simulator's day (Asia/Shanghai), read when a test runs, not when it is collected."""
+    return datetime.now(timezone(timedelta(hours=8))).date().isoformat()
 
 
 class Caller:
@@ -127,9 +130,10 @@ async def test_outpatient_visit_from_registration_to_daily_totals(spawn: Any) ->
         assert by_id == by_msgid
         assert by_id["setlinfo"]["setl_state"] == "settled"
 
+        today = today_cn()
         totals = {
-            "stmt_begndate": TODAY,
-            "stmt_enddate": TODAY,
+            "stmt_begndate": today,
+            "stmt_enddate": today,
             "medfee_sumamt": 236.50,
             "fund_pay_sumamt": setlinfo["fund_pay_sumamt"],
             "acct_pay": setlinfo["acct_pay"],

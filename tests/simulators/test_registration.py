@@ -8,7 +8,11 @@ from typing import Any
 
 import aiohttp
 
-TODAY = datetime.now(timezone(timedelta(hours=8))).date()
+
+def today_cn() -> date:
+    """The simulator's day (Asia/Shanghai), read when a test runs, not when it is collected:
+    a constant taken at import time is yesterday for a test that runs after midnight there."""
+    return datetime.now(timezone(timedelta(hours=8))).date()
 
 
 def registration(patient: str = "test-0001", dept: str = "TEST", **extra: str) -> dict[str, str]:
@@ -71,7 +75,7 @@ async def test_registration_numbers_and_queue_numbers_restart_per_dept_and_day(
 ) -> None:
     sim = spawn.simulator("registration")
     url = f"{sim.url()}/reg/v1/registrations"
-    tomorrow = TODAY + timedelta(days=1)
+    tomorrow = today_cn() + timedelta(days=1)
     async with aiohttp.ClientSession() as http:
         _, first, _ = await call(http, "POST", url, registration())
         _, second, _ = await call(http, "POST", url, registration("p-10001"))
@@ -79,9 +83,11 @@ async def test_registration_numbers_and_queue_numbers_restart_per_dept_and_day(
         slot = f"TEST-{tomorrow:%Y%m%d}-d-test-AM"
         status, next_day, _ = await call(http, "POST", url, registration(slotId=slot))
     assert status == 201
-    assert re.fullmatch(rf"TEST{TODAY:%Y%m%d}\d{{5}}", first["regNo"])
+    day = date.fromisoformat(first["date"])  # the simulator's day when it took the first
+    assert day in (tomorrow - timedelta(days=1), tomorrow)  # (midnight may fall in between)
+    assert re.fullmatch(rf"TEST{day:%Y%m%d}\d{{5}}", first["regNo"])
     assert (first["queueNo"], second["queueNo"], other_dept["queueNo"]) == ("T001", "T002", "A001")
-    assert second["regNo"] == f"TEST{TODAY:%Y%m%d}00002"
+    assert second["regNo"] == f"TEST{day:%Y%m%d}00002"
     assert (next_day["queueNo"], next_day["date"]) == ("T001", tomorrow.isoformat())
     assert len({first["visitNo"], second["visitNo"], other_dept["visitNo"]}) == 3
 
