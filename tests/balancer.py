@@ -40,7 +40,7 @@ class RoundRobinBalancer:
 
     async def __aenter__(self) -> RoundRobinBalancer:
         self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
-        self._spawn(self._probe_forever())
+        self._tasks.add(asyncio.create_task(self._probe_forever()))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -56,11 +56,6 @@ class RoundRobinBalancer:
         assert self._server is not None
         port = self._server.sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}"
-
-    def _spawn(self, coroutine: object) -> None:
-        task = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _probe_forever(self) -> None:
         timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
@@ -96,8 +91,8 @@ class RoundRobinBalancer:
             writer.close()
             return
         pipes = [
-            asyncio.ensure_future(_copy(reader, up_writer)),
-            asyncio.ensure_future(_copy(up_reader, writer)),
+            asyncio.create_task(_copy(reader, up_writer)),
+            asyncio.create_task(_copy(up_reader, writer)),
         ]
         try:
             await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
